@@ -1,0 +1,47 @@
+"""PANNs Cnn6 (single 5×5 convs) and Cnn10 (2 × 3×3 convs), 64→512 channels (Kong et al.)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import register
+from .common import GlobalPool, TaggerNet, conv_stack, fc_neck, pool2x2, stage_channels
+
+BLOCK_DROPOUT = 0.2
+
+
+class PannsCnn(TaggerNet):
+    """Blocks of conv → 2×2 avg pool → dropout; mean+max pooling → fc1 (embedding) → head."""
+
+    def __init__(
+        self, num_classes: int, n_mels: int, width: float, dropout: float,
+        kernel: int, convs: int,
+    ) -> None:
+        chans = stage_channels(width)
+        blocks = [
+            nn.Sequential(
+                conv_stack(c_in, c_out, kernel, convs), pool2x2(), nn.Dropout(BLOCK_DROPOUT)
+            )
+            for c_in, c_out in zip([1, *chans], chans)
+        ]
+        c = chans[-1]
+        super().__init__(
+            n_mels, nn.Sequential(*blocks), GlobalPool(), fc_neck(c, c, dropout),
+            c, num_classes, dropout,
+        )
+
+
+@register("cnn6")
+class Cnn6(PannsCnn):
+    def __init__(
+        self, num_classes: int, n_mels: int = 64, width: float = 1.0, dropout: float = 0.5
+    ) -> None:
+        super().__init__(num_classes, n_mels, width, dropout, kernel=5, convs=1)
+
+
+@register("cnn10")
+class Cnn10(PannsCnn):
+    def __init__(
+        self, num_classes: int, n_mels: int = 64, width: float = 1.0, dropout: float = 0.5
+    ) -> None:
+        super().__init__(num_classes, n_mels, width, dropout, kernel=3, convs=2)

@@ -1,0 +1,147 @@
+"""Tests for the model registry and every registered model family."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from soundtag.models import MODELS, create_model, model_names
+
+NAMES = model_names()
+SMALL = {"width": 0.25}
+NUM_CLASSES = 7
+
+
+def logmel(batch: int, n_mels: int, frames: int, seed: int = 0) -> torch.Tensor:
+    """Random input in the log-mel dB range (-100..+40)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, n_mels, frames, generator=gen) * 140 - 100
+
+
+def small_model(name: str, n_mels: int = 64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, NUM_CLASSES, n_mels=n_mels, **SMALL)
+
+
+def calibrated(model: torch.nn.Module, n_mels: int = 64) -> torch.nn.Module:
+    """Let BatchNorm statistics see some data, then switch to eval mode."""
+    model.train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(logmel(4, n_mels, 64, seed))
+    return model.eval()
+
+
+def test_registry_lists_all_families() -> None:
+    assert set(NAMES) >= {"vgg", "cnn6", "cnn10", "mobilenetv2", "resnet"}
+    assert NAMES == sorted(MODELS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_params_are_plain(name: str) -> None:
+    params = inspect.signature(MODELS[name]).parameters
+    assert list(params)[:2] == ["num_classes", "n_mels"]
+    defaults = {k: p.default for k, p in params.items() if k != "num_classes"}
+    json.dumps(defaults)  # JSON-serialisable config
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match="nope") as err:
+        create_model("nope", 3)
+    assert ", ".join(NAMES) in str(err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_param(name: str) -> None:
+    with pytest.raises(ValueError, match="colour") as err:
+        create_model(name, 3, colour="red")
+    assert "width" in str(err.value) and "n_mels" in str(err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n_mels", [64, 128])
+def test_shapes_and_finite(name: str, n_mels: int) -> None:
+    model = small_model(name, n_mels).eval()
+    with torch.no_grad():
+        for frames in (8, 37, 173, 500):
+            logits, emb = model(logmel(2, n_mels, frames))
+            assert logits.shape == (2, NUM_CLASSES)
+            assert emb.ndim == 2 and emb.shape[0] == 2
+            assert model.head.in_features == emb.shape[1]
+            assert torch.isfinite(logits).all() and torch.isfinite(emb).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_flow(name: str) -> None:
+    model = small_model(name).train()
+    logits, _ = model(logmel(2, 64, 37))
+    logits.sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert model.head.weight.grad.abs().sum() > 0
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_replace_head_keeps_backbone(name: str) -> None:
+    model = calibrated(small_model(name))
+    x = logmel(2, 64, 50)
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    with torch.no_grad():
+        _, emb_before = model(x)
+    model.replace_head(3)
+    with torch.no_grad():
+        logits, emb_after = model(x)
+    assert logits.shape == (2, 3) and model.head.out_features == 3
+    torch.testing.assert_close(emb_after, emb_before)
+    after = model.state_dict()
+    for key, value in backbone.items():
+        assert torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_is_deterministic(name: str) -> None:
+    model = calibrated(small_model(name))
+    x = logmel(3, 64, 61)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_channels_last_and_bf16_autocast(name: str) -> None:
+    model = calibrated(small_model(name)).to(memory_format=torch.channels_last)
+    x = logmel(2, 64, 45).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, _ = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, emb = model(x)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(logits.float()).all() and torch.isfinite(emb.float()).all()
+    assert torch.allclose(logits.float(), ref, rtol=0.1, atol=0.1 * ref.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy exporter
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_export_dynamic_frames(name: str, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = calibrated(small_model(name))
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(
+        model, (logmel(1, 64, 100),), str(path), dynamo=False,
+        input_names=["logmel"], output_names=["logits", "embedding"],
+        dynamic_axes={"logmel": {0: "batch", 3: "frames"}},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for frames in (37, 9):
+        x = logmel(3, 64, frames, seed=5)
+        with torch.no_grad():
+            expected = model(x)
+        got = session.run(None, {"logmel": x.numpy()})
+        for out, ref in zip(got, expected):
+            np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
