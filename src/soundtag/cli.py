@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .errors import SoundtagError
+from .errors import ConfigError, SoundtagError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -23,8 +24,9 @@ def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
     return wrap
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="dataset folder, or a CSV file of clips and labels")
+def add_data_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("data", type=Path, nargs="?" if optional else None,
+                   help="dataset folder, or a CSV file of clips and labels")
     g = p.add_argument_group("dataset layout")
     g.add_argument("--layout", help="kaggle2018, kaggle2019, csv or folders (default: detected)")
     g.add_argument("--file-column", help="CSV column of file names (csv layout)")
@@ -113,6 +115,240 @@ def features(args: argparse.Namespace) -> int:
     print(f"{len(store)} clips ({seconds / 3600:.2f} h of audio) in {time.perf_counter() - start:.1f} s; "
           f"{len(failures)} skipped; cache: {store.folder}")
     print_failures(failures)
+    return 0
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    add_data_options(p, optional=True)
+    p.add_argument("--out", type=Path, help="run folder to create")
+    p.add_argument("--preset", default="fast", help="starting recipe: fast, kaggle2018, kaggle2019")
+    p.add_argument("--config", type=Path, help="YAML file of options over the preset")
+    p.add_argument("--folds", help="K for stratified K-fold (all folds trained), or 'own' for the dataset's folds")
+    p.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--model", help="network name (see the README for the list)")
+    p.add_argument("--threads", type=int, help="torch threads (default: up to 2)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
+    p.add_argument("--init", type=Path, help="start from this run's weights (head replaced if classes differ)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    add_cache_options(p)
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    """Config options given on the command line."""
+    out: dict = {}
+    if args.folds:
+        out["folds"] = args.folds if args.folds == "own" else _whole(args.folds, "--folds")
+        out["train_folds"] = None
+    if args.fold is not None:
+        out["train_folds"] = args.fold
+    for key in ("epochs", "batch_size", "threads", "bf16"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    if args.model:
+        out["model"] = {"name": args.model, "params": {}}
+    return out
+
+
+def _whole(text: str, option: str) -> int:
+    if not text.isdigit():
+        raise ConfigError(f"{option} takes a whole number or 'own', not {text!r}")
+    return int(text)
+
+
+@command("train", _train_options)
+def train(args: argparse.Namespace) -> int:
+    """Train a tagger on the cached features of a dataset (or --resume a run)."""
+    from . import train as training
+    from .config import resolve
+    if args.resume:
+        run = training.resume(args.resume, args.cache_dir)
+    else:
+        if args.data is None or args.out is None:
+            raise ConfigError("train needs DATA and --out RUN (or --resume RUN)")
+        config = resolve(args.preset, args.config, train_overrides(args))
+        run = training.train(read_dataset(args), config, args.out, force=args.force, init=args.init,
+                             cache_dir=args.cache_dir)
+    summary = json.loads((run.folder / "summary.json").read_text())
+    print(training.summary_table(summary))
+    print(f"run: {run.folder} (curves: {run.folder / 'curves.png'})")
+    return 0
+
+
+def add_tagger_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tagging")
+    g.add_argument("--runs", type=Path, nargs="+", default=[], help="more runs to ensemble with RUN")
+    g.add_argument("--weights", type=float, nargs="+", help="one weight per run (RUN first)")
+    g.add_argument("--mean", default="arithmetic", help="ensemble mean: arithmetic or geometric")
+    g.add_argument("--tta", default="full", help="full (whole clip), crops (lengths × offsets) or tiles")
+    g.add_argument("--tta-lengths", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0],
+                   help="crop lengths in seconds (crops)")
+    g.add_argument("--tta-offsets", type=int, default=5, help="crops per length (crops)")
+    g.add_argument("--tile", type=float, default=2.0, help="tile length in seconds (tiles)")
+    g.add_argument("--tile-hop", type=float, default=1.0, help="seconds between tiles (tiles)")
+    g.add_argument("--backend", default="torch", help="torch, or onnx (after `soundtag export`)")
+    g.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (default: all cores)")
+
+
+def load_tagger(args: argparse.Namespace):
+    import torch
+
+    from .predict import TTA, Tagger
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean)
+    return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads)
+
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder")
+    add_data_options(p)
+    p.add_argument("--split", default="test", help="test (default), train, curated, noisy or all")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--out", type=Path, help="folder for metrics.json and plots (default: RUN/eval-SPLIT)")
+    p.add_argument("--cache-dir", type=Path)
+    add_tagger_options(p)
+
+
+@command("evaluate", _evaluate_options)
+def evaluate(args: argparse.Namespace) -> int:
+    """Score a labelled split: lwlrap, MAP@3, accuracy, per-class figures and plots."""
+    from .evaluation import evaluate as run_evaluation
+    out = args.out or args.run / f"eval-{args.split}"
+    result = run_evaluation(load_tagger(args), read_dataset(args), args.split, out, args.cache_dir,
+                            progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['split']}: {result['clips']} clips, lwlrap {result['lwlrap']:.4f}, "
+          f"map@3 {result['map@3']:.4f}, accuracy {result['accuracy']:.4f}")
+    print("| class | positives | lwlrap | AP |\n|---|---|---|---|")
+    for c, v in result["per_class"].items():
+        print(f"| {c} | {v['positives']} | {_fmt(v['lwlrap'])} | {_fmt(v['ap'])} |")
+    print_failures(result["skipped"])
+    print(f"plots and metrics.json: {out}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def audio_inputs(target: Path) -> tuple[list[Path], list[str]]:
+    """Files to tag from a folder (recursively) or a CSV with an fname column."""
+    from .datasets.folders import AUDIO_SUFFIXES
+    from .datasets.table import Table
+    if target.is_dir():
+        files = sorted(f for f in target.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+        return files, [str(f.relative_to(target)) for f in files]
+    if target.suffix.lower() == ".csv":
+        table = Table(target, [])
+        column = table.pick(("fname", "filename", "file", "path"), "file")
+        names = [row[column] for _, row in table.rows]
+        return [target.parent / n for n in names], names
+    raise ConfigError(f"{target}: expected a folder of audio files or a CSV with an fname column")
+
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("audio", type=Path, help="folder of audio files, or a CSV of file names")
+    p.add_argument("--out", type=Path, required=True, help="file to write")
+    p.add_argument("--format", default="csv", help="kaggle2018, kaggle2019, csv, json or tags (thresholded)")
+    p.add_argument("--top-k", type=int, default=3, help="tags per file (csv, json)")
+    p.add_argument("--workers", type=int, default=None, help="processes computing features")
+    add_tagger_options(p)
+
+
+@command("predict", _predict_options)
+def predict(args: argparse.Namespace) -> int:
+    """Tag a folder (or CSV) of clips and write a submission or tag table."""
+    from . import outputs
+    from .run import Run
+    if args.format not in outputs.FORMATS:
+        raise ConfigError(f"unknown output format {args.format!r}; valid: {', '.join(outputs.FORMATS)}")
+    files, names = audio_inputs(args.audio)
+    tagger = load_tagger(args)
+    scores, errors = tagger.tag_files(files, args.workers)
+    thresholds = Run.open(args.run).thresholds() if args.format == "tags" else None
+    path = outputs.write(args.out, args.format, names, scores, tagger.classes, errors, args.top_k, thresholds)
+    print(f"{len(files)} files tagged, {len(errors)} unreadable; written: {path}")
+    print_failures({str(files[i]): reason for i, reason in errors.items()})
+    return 0
+
+
+def _tag_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("files", type=Path, nargs="+", help="audio files")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--long", type=float, default=30.0, help="files longer than this (s) get a timeline")
+    p.add_argument("--window", type=float, default=2.0, help="timeline window (s)")
+    p.add_argument("--hop", type=float, default=1.0, help="timeline hop (s)")
+    p.add_argument("--out", type=Path, default=Path("timelines"), help="folder for timelines")
+    add_tagger_options(p)
+
+
+@command("tag", _tag_options)
+def tag(args: argparse.Namespace) -> int:
+    """Print each file's top tags; long recordings get a timeline (CSV, events, plot)."""
+    from . import audio, outputs
+    from .run import Run
+    from .timeline import timeline
+    tagger = load_tagger(args)
+    scores, errors = tagger.tag_files(args.files, workers=1, progress=False)
+    best = outputs.top_k(scores, tagger.classes, args.top_k)
+    for i, (path, row) in enumerate(zip(args.files, best)):
+        tags = errors.get(i) or ", ".join(f"{label} {score:.2f}" for label, score in row)
+        print(f"{path}: {tags}")
+        if i in errors or audio.info(path).duration <= args.long:
+            continue
+        line = timeline(tagger, path, args.window, args.hop)
+        stem = args.out / path.stem
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        line.table().to_csv(f"{stem}.timeline.csv", index=False, float_format="%.4f")
+        events = line.events(_thresholds(Run.open(args.run)))
+        events.to_csv(f"{stem}.events.csv", index=False, float_format="%.3f")
+        line.plot(f"{stem}.timeline.png")
+        print(f"  timeline: {len(line.starts)} windows, {len(events)} events → {stem}.timeline.csv, "
+              f"{stem}.events.csv, {stem}.timeline.png")
+    return 0
+
+
+def _thresholds(run) -> float | object:
+    """The run's tuned thresholds, or 0.5 where it has none."""
+    try:
+        return run.thresholds()
+    except SoundtagError:
+        return 0.5
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--format", default="onnx", help="onnx")
+
+
+@command("export", _export_options)
+def export(args: argparse.Namespace) -> int:
+    """Write the run's networks as ONNX (front end parameters saved beside them)."""
+    from .export import export as run_export
+    paths = run_export(args.run, args.format)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def _demo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for the run and plots")
+    p.add_argument("--data", type=Path, help="demo data (default: the bundled set)")
+    p.add_argument("--epochs", type=int, help="override the fast preset's epochs")
+    add_cache_options(p)
+
+
+@command("demo", _demo_options)
+def demo(args: argparse.Namespace) -> int:
+    """Train the fast preset on the bundled demo set, evaluate it and tag held-out clips."""
+    from .demo import run_demo
+    run_demo(args.out, args.data, args.cache_dir, args.epochs)
     return 0
 
 

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import precision_recall_curve
 
 __all__ = [
     "lwlrap_per_class",
@@ -236,3 +237,17 @@ def evaluate(
             for i, name in enumerate(classes)
         },
     }
+
+
+def tune_thresholds(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-class score thresholds that maximise each class's F1 on held-out
+    scores (0.5 for a class without positives)."""
+    truth, scores = _validate(truth, scores)
+    out = np.full(truth.shape[1], 0.5)
+    for j in range(truth.shape[1]):
+        if not truth[:, j].any():
+            continue
+        precision, recall, cut = precision_recall_curve(truth[:, j], scores[:, j])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        out[j] = float(cut[np.argmax(f1)])
+    return out

@@ -121,7 +121,7 @@ def extract(files: Sequence[str | Path], config: FeatureConfig, cache_dir: str |
         offset = data.tell() // (config.n_features * np.dtype(dtype).itemsize)
         bar = tqdm(total=len(files), initial=len(done), unit="clip", desc="features",
                    disable=not progress, dynamic_ncols=True)
-        for i, spec, error in _compute_all(files, todo, config, dtype, workers):
+        for i, spec, error in compute_all(files, todo, config, dtype, workers):
             n = 0 if spec is None else spec.shape[1]
             if spec is not None:
                 data.write(np.ascontiguousarray(spec.T).tobytes())
@@ -168,7 +168,7 @@ def _write_index(folder: Path, files: list[str], config: FeatureConfig, dtype: s
     tmp.replace(folder / "index.json")
 
 
-def _compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype: str,
+def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype: str,
                  workers: int | None) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """(position, features or None, error) for each clip in `todo`, in order."""
     jobs = [(i, files[i], config, dtype) for i in todo]

@@ -40,4 +40,7 @@ def read(path: str | Path, layout: str | None = None, **options) -> Dataset:
     options = {k: v for k, v in options.items() if v is not None}
     if options and layout != "csv":
         raise DataError(f"options {', '.join(options)} apply to the csv layout only, not {layout}")
-    return READERS[layout].read(path, **options)
+    dataset = READERS[layout].read(path, **options)
+    dataset.source = {"path": str(path), "layout": layout,
+                      "options": {k: str(v) for k, v in options.items()}}
+    return dataset

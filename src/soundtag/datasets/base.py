@@ -18,7 +18,8 @@ class Dataset:
     `split` is "train" or "test"; `noisy` marks clips whose labels are not
     curated (FSDKaggle2019's noisy set); `verified` marks manually verified
     labels; `fold` holds the dataset's own fold (-1 where it has none);
-    `labelled` is False for test clips whose labels are unknown.
+    `labelled` is False for test clips whose labels are unknown. `source`
+    says how to read the dataset again (path, layout, reader options).
     """
 
     root: Path
@@ -34,6 +35,7 @@ class Dataset:
     labelled: np.ndarray
     multilabel: bool
     warnings: list[str] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -1,0 +1,72 @@
+"""Optimisers (AdamW, SGD, RAdam, optional Lookahead) and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .config import OptimConfig
+
+
+class Lookahead:
+    """Lookahead (Zhang et al., 2019) around any optimiser: every `k` steps the
+    slow weights move `alpha` of the way to the fast ones, which restart there."""
+
+    def __init__(self, inner: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
+        self.inner, self.k, self.alpha = inner, k, alpha
+        self.param_groups = inner.param_groups
+        self.steps = 0
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    def step(self, closure=None):
+        loss = self.inner.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            with torch.no_grad():
+                for slow, fast in zip(self.slow, (p for g in self.param_groups for p in g["params"])):
+                    slow.add_(fast - slow, alpha=self.alpha)
+                    fast.copy_(slow)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "slow": self.slow, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        for slow, saved in zip(self.slow, state["slow"]):
+            slow.copy_(saved)
+        self.steps = state["steps"]
+
+
+def build_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer | Lookahead:
+    if config.name == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                              weight_decay=config.weight_decay)
+    elif config.name == "radam":
+        opt = torch.optim.RAdam(params, lr=config.lr, weight_decay=config.weight_decay, decoupled_weight_decay=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return Lookahead(opt) if config.lookahead else opt
+
+
+def build_schedule(optimizer: torch.optim.Optimizer | Lookahead, config: OptimConfig, total_steps: int):
+    """A per-step schedule: one-cycle, cosine with linear warm-up, or constant."""
+    inner = optimizer.inner if isinstance(optimizer, Lookahead) else optimizer
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(inner, max_lr=config.lr, total_steps=total_steps,
+                                                   pct_start=max(config.warmup, 1e-3))
+    warmup = max(1, int(config.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if config.schedule == "constant":
+            return min(1.0, (step + 1) / warmup)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(inner, factor)
