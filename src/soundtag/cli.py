@@ -56,7 +56,7 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("feature cache")
     g.add_argument("--cache-dir", type=Path, help="cache root (default: $SOUNDTAG_CACHE or ~/.cache/soundtag)")
     g.add_argument("--workers", type=int, default=None, help="processes computing features (default: all cores)")
-    g.add_argument("--dtype", default="float16", help="storage type: float16 or float32")
+    g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type")
 
 
 def read_dataset(args: argparse.Namespace):
@@ -265,13 +265,12 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
 def predict(args: argparse.Namespace) -> int:
     """Tag a folder (or CSV) of clips and write a submission or tag table."""
     from . import outputs
-    from .run import Run
     if args.format not in outputs.FORMATS:
         raise ConfigError(f"unknown output format {args.format!r}; valid: {', '.join(outputs.FORMATS)}")
     files, names = audio_inputs(args.audio)
     tagger = load_tagger(args)
     scores, errors = tagger.tag_files(files, args.workers)
-    thresholds = Run.open(args.run).thresholds() if args.format == "tags" else None
+    thresholds = tagger.thresholds() if args.format == "tags" else None
     path = outputs.write(args.out, args.format, names, scores, tagger.classes, errors, args.top_k, thresholds)
     print(f"{len(files)} files tagged, {len(errors)} unreadable; written: {path}")
     print_failures({str(files[i]): reason for i, reason in errors.items()})
@@ -293,7 +292,6 @@ def _tag_options(p: argparse.ArgumentParser) -> None:
 def tag(args: argparse.Namespace) -> int:
     """Print each file's top tags; long recordings get a timeline (CSV, events, plot)."""
     from . import audio, outputs
-    from .run import Run
     from .timeline import timeline
     tagger = load_tagger(args)
     scores, errors = tagger.tag_files(args.files, workers=1, progress=False)
@@ -307,7 +305,7 @@ def tag(args: argparse.Namespace) -> int:
         stem = args.out / path.stem
         stem.parent.mkdir(parents=True, exist_ok=True)
         line.table().to_csv(f"{stem}.timeline.csv", index=False, float_format="%.4f")
-        events = line.events(_thresholds(Run.open(args.run)))
+        events = line.events(_thresholds(tagger))
         events.to_csv(f"{stem}.events.csv", index=False, float_format="%.3f")
         line.plot(f"{stem}.timeline.png")
         print(f"  timeline: {len(line.starts)} windows, {len(events)} events → {stem}.timeline.csv, "
@@ -315,12 +313,29 @@ def tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _thresholds(run) -> float | object:
-    """The run's tuned thresholds, or 0.5 where it has none."""
+def _thresholds(tagger) -> float | object:
+    """The runs' tuned thresholds, or 0.5 where they have none."""
     try:
-        return run.thresholds()
+        return tagger.thresholds()
     except SoundtagError:
         return 0.5
+
+
+def _stack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, nargs="+", help="runs trained on the same clips")
+    p.add_argument("--out", type=Path, required=True, help="stack folder to write")
+    p.add_argument("--hidden", type=int, default=256, help="hidden units of the MLP")
+    p.add_argument("--epochs", type=int, default=300)
+
+
+@command("stack", _stack_options)
+def stack(args: argparse.Namespace) -> int:
+    """Fit a second-level MLP on several runs' out-of-fold scores (use the folder as a RUN)."""
+    from .stack import fit_stack
+    figures = fit_stack(args.runs, args.out, args.hidden, args.epochs)
+    print(f"{figures['clips']} out-of-fold clips; {figures['metric']}: stack (5-fold CV) "
+          f"{figures['stack_cv']:.4f}, mean of runs {figures['mean_of_runs']:.4f}; written: {args.out}")
+    return 0
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:

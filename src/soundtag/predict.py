@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .features import FeatureConfig
 from .loader import ClipSet, eval_batches
 from .run import Run, RunError
+from .stack import Stacker
 from .store import compute_all, extract
 
 MODES = ("full", "crops", "tiles")
@@ -163,7 +164,8 @@ def load_member(folder: str | Path, backend: str = "torch", weight: float = 1.0,
 class Tagger:
     """Scores audio with an ensemble of runs; the Python face of `soundtag predict`."""
 
-    def __init__(self, members: Sequence[Member], tta: TTA = TTA(), mean: str = "arithmetic"):
+    def __init__(self, members: Sequence[Member], tta: TTA = TTA(), mean: str = "arithmetic",
+                 stacker: Callable[[list[np.ndarray]], np.ndarray] | None = None):
         if not members:
             raise ConfigError("a tagger needs at least one run")
         first = members[0]
@@ -173,16 +175,24 @@ class Tagger:
                                "only runs over the same class list can be ensembled")
         if mean not in MEANS:
             raise ConfigError(f"unknown mean {mean!r}; valid: {', '.join(MEANS)}")
-        self.members, self.tta, self.mean = list(members), tta, mean
+        self.members, self.tta, self.mean, self.stacker = list(members), tta, mean, stacker
         self.classes, self.multilabel = first.classes, first.multilabel
 
     @classmethod
     def load(cls, runs: Sequence[str | Path], weights: Sequence[float] | None = None, backend: str = "torch",
              tta: TTA = TTA(), mean: str = "arithmetic", threads: int = 0) -> Tagger:
+        """Runs (folders) as an ensemble; a single stack folder brings its runs and stacker."""
+        if len(runs) == 1 and (Path(runs[0]) / "stack.json").is_file():
+            stacker = Stacker(runs[0])
+            return cls([load_member(r, backend, 1.0, threads) for r in stacker.runs], tta, mean, stacker)
         weights = list(weights) if weights else [1.0] * len(runs)
         if len(weights) != len(runs):
             raise ConfigError(f"{len(weights)} weights given for {len(runs)} runs")
         return cls([load_member(r, backend, w, threads) for r, w in zip(runs, weights)], tta, mean)
+
+    def thresholds(self) -> np.ndarray:
+        """Per-class thresholds: the mean of the runs' thresholds tuned out of fold."""
+        return np.mean([Run.open(m.name).thresholds() for m in self.members], axis=0)
 
     @property
     def feature_configs(self) -> list[FeatureConfig]:
@@ -191,6 +201,8 @@ class Tagger:
     def score_clips(self, clips: Sequence[dict[FeatureConfig, np.ndarray]], progress: bool = False) -> np.ndarray:
         """Scores [clips, classes] from each clip's features under each config."""
         per_run = [self._member_scores(m, [c[m.features] for c in clips], progress) for m in self.members]
+        if self.stacker is not None:
+            return self.stacker(per_run)
         return combine(np.stack(per_run), self.mean, np.array([m.weight for m in self.members]))
 
     def _member_scores(self, m: Member, specs: list[np.ndarray], progress: bool) -> np.ndarray:

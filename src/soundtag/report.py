@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from . import audio  # noqa: E402
+from .plots import save  # noqa: E402
 from .datasets import Dataset  # noqa: E402
 
 FORMATS = ("md", "html")
@@ -136,7 +137,7 @@ def _cooccurrence(dataset: Dataset, out: Path) -> str:
     ax.set_yticks(range(len(dataset.classes)), dataset.classes, fontsize=7)
     fig.colorbar(im, ax=ax, label="clips with both labels")
     ax.set_title("Label co-occurrence")
-    _save(fig, out / "cooccurrence.png")
+    save(fig, out / "cooccurrence.png")
     return ("## Label co-occurrence\n\nMost frequent pairs:\n\n" + _table(["class", "class", "clips"], rows)
             + "\n\n![label co-occurrence](cooccurrence.png)")
 
@@ -148,7 +149,7 @@ def _plots(dataset: Dataset, parts: dict[str, np.ndarray], probes: list[Probe], 
         ax.hist(d, bins=40, alpha=0.5, label=name)
     ax.set(xlabel="duration (s)", ylabel="clips", title="Clip durations")
     ax.legend()
-    _save(fig, out / "durations.png")
+    save(fig, out / "durations.png")
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(dataset.classes) + 1.5))
     left = np.zeros(len(dataset.classes))
     for name, mask in parts.items():
@@ -159,7 +160,7 @@ def _plots(dataset: Dataset, parts: dict[str, np.ndarray], probes: list[Probe], 
     ax.tick_params(axis="y", labelsize=7)
     ax.set(xlabel="clips", title="Clips per class")
     ax.legend()
-    _save(fig, out / "class_counts.png")
+    save(fig, out / "class_counts.png")
     return "## Plots\n\n![durations](durations.png)\n\n![clips per class](class_counts.png)"
 
 
@@ -168,12 +169,6 @@ def _failures(dataset: Dataset, probes: list[Probe]) -> str:
     if not rows:
         return "## Unreadable files\n\nNone."
     return f"## Unreadable files ({len(rows)})\n\n" + _table(["file", "reason"], rows)
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _to_html(markdown: str) -> str:

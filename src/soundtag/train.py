@@ -249,7 +249,8 @@ def _summarise(run: Run, data: Dataset, folds: np.ndarray) -> None:
         per_fold[k] = _fold_summary(run, k, data.targets[held], fold_scores)
     held = np.concatenate(rows)
     oof = np.concatenate(scores)
-    table = {"fname": [data.names[i] for i in held], "fold": folds[held]}
+    table = {"fname": [data.names[i] for i in held], "fold": folds[held],
+             "labels": [",".join(data.labels(i)) for i in held]}
     table.update({c: oof[:, j] for j, c in enumerate(run.classes)})
     pd.DataFrame(table).to_csv(run.folder / "oof.csv", index=False, float_format="%.5f")
     overall = metrics.evaluate(data.targets[held], oof, run.classes, run.multilabel)

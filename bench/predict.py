@@ -1,0 +1,120 @@
+"""Tagging benchmark: end-to-end throughput (decode + features + network) with
+torch and ONNX Runtime on 1 and 2 threads, and the latency of one 10-s clip.
+
+    python bench/predict.py [--corpus DIR] [--model mobilenetv2] [--width 1.0] [--out FILE]
+
+The network is a briefly trained run on the bundled demo set (speed does not depend
+on how well it is trained), exported to ONNX; the clips are the dev corpus's
+single-label training folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import dev_corpus_path  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def trained_run(model: str, width: float, work: Path) -> Path:
+    from soundtag import config, datasets, train
+    from soundtag.export import export
+    overrides = {"epochs": 1, "model": {"name": model, "params": {"width": width}}}
+    run = train.train(datasets.read(DEMO), config.resolve("fast", overrides=overrides), work / "run",
+                      force=True, cache_dir=work / "cache", progress=False)
+    export(run.folder)
+    return run.folder
+
+
+def throughput(run: Path, files: list[Path], seconds_of_audio: float) -> dict:
+    from soundtag.predict import Tagger
+    out = {}
+    for backend in ("torch", "onnx"):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            tagger = Tagger.load([run], backend=backend, threads=threads)
+            tagger.tag_files(files[:20], workers=threads, progress=False)  # warm-up
+            start = time.perf_counter()
+            scores, errors = tagger.tag_files(files, workers=threads, progress=False)
+            wall = time.perf_counter() - start
+            out[f"{backend} {threads}t"] = {"x_realtime": seconds_of_audio / wall, "files_per_s": len(files) / wall,
+                                            "seconds": wall, "errors": len(errors)}
+            print(f"  {backend} {threads} thread(s): {seconds_of_audio / wall:.0f}× realtime", file=sys.stderr)
+    return out
+
+
+def latency(run: Path, clip: Path) -> dict:
+    """Median wall time of tagging one 10-s file (decode + features + network), single process."""
+    from soundtag.predict import Tagger
+    out = {}
+    for backend in ("torch", "onnx"):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            tagger = Tagger.load([run], backend=backend, threads=threads)
+            times = []
+            for _ in range(25):
+                start = time.perf_counter()
+                tagger.tag_files([clip], workers=1, progress=False)
+                times.append(time.perf_counter() - start)
+            out[f"{backend} {threads}t"] = {"median_ms": 1000 * statistics.median(times[5:]),
+                                            "min_ms": 1000 * min(times[5:])}
+    return out
+
+
+def ten_second_clip(files: list[Path], path: Path) -> Path:
+    """A 10-s recording made by joining corpus clips."""
+    parts, total = [], 0
+    for f in files:
+        data, rate = sf.read(f, dtype="float32")
+        parts.append(data)
+        total += len(data)
+        if total >= 10 * rate:
+            break
+    sf.write(path, np.concatenate(parts)[: 10 * rate], rate)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path)
+    p.add_argument("--model", default="mobilenetv2")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predict.json")
+    args = p.parse_args()
+    corpus = args.corpus or dev_corpus_path()
+    files = sorted((corpus / "audio_train").glob("*.wav"))
+    audio_seconds = sum(sf.info(f).duration for f in files)
+    for f in files:  # warm the page cache
+        f.read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run = trained_run(args.model, args.width, work)
+        figures = {"model": args.model, "width": args.width, "files": len(files), "audio_seconds": audio_seconds,
+                   "throughput": throughput(run, files, audio_seconds),
+                   "latency_10s": latency(run, ten_second_clip(files, work / "ten.wav"))}
+    print(f"\nTagging {len(files)} files ({audio_seconds / 60:.1f} min of audio), {args.model} width {args.width}\n")
+    print("| backend | threads | × realtime | files/s | 10-s clip median ms | targets |")
+    print("|---|---|---|---|---|---|")
+    for key, t in figures["throughput"].items():
+        backend, threads = key.split()
+        print(f"| {backend} | {threads[:-1]} | {t['x_realtime']:.0f} | {t['files_per_s']:.0f} | "
+              f"{figures['latency_10s'][key]['median_ms']:.1f} | ≥ 1000× (onnx, 2 threads); ≤ 30 ms |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=1))
+    print(f"\nfigures written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real-audio dev corpus, a few of its clips, and a private cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BUILDER = Path(__file__).parents[1].parent / "shared" / "corpus" / "build_dev.py"
+# A few 2018-layout training clips of different classes and lengths.
+CLIP_NAMES = ("d000000.wav", "d000001.wav", "d000002.wav", "d000003.wav", "d000004.wav", "d000005.wav")
+
+
+def _is_corpus(path: Path) -> bool:
+    return (path / "SUMMARY.md").is_file() and (path / "train.csv").is_file() \
+        and (path / "multilabel" / "train_curated.csv").is_file()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point SOUNDTAG_CACHE at a temporary folder so no test writes to the user's cache."""
+    root = tmp_path_factory.mktemp("soundtag-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOUNDTAG_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def dev_corpus() -> Path:
+    """The dev corpus: $SOUNDTAG_DEV_CORPUS, else built once into the temp folder."""
+    given = os.environ.get("SOUNDTAG_DEV_CORPUS")
+    if given and _is_corpus(Path(given)):
+        return Path(given)
+    out = Path(tempfile.gettempdir()) / "soundtag-dev-corpus"
+    if _is_corpus(out):
+        return out
+    if not BUILDER.is_file():
+        pytest.skip(f"dev corpus builder {BUILDER} not found and SOUNDTAG_DEV_CORPUS not set")
+    subprocess.run([sys.executable, str(BUILDER), str(out)], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_clips(dev_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding copies of a few real clips (read-only by convention)."""
+    folder = tmp_path_factory.mktemp("real-clips")
+    for name in CLIP_NAMES:
+        shutil.copy(dev_corpus / "audio_train" / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """An empty feature-cache root of the test's own."""
+    return tmp_path / "cache"
