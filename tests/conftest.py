@@ -18,8 +18,7 @@ CLIP_NAMES = ("d000000.wav", "d000001.wav", "d000002.wav", "d000003.wav", "d0000
 
 
 def _is_corpus(path: Path) -> bool:
-    return (path / "SUMMARY.md").is_file() and (path / "train.csv").is_file() \
-        and (path / "multilabel" / "train_curated.csv").is_file()
+    return all((path / name).is_file() for name in ("SUMMARY.md", "train.csv", "multilabel/train_curated.csv"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import librosa
@@ -161,7 +163,7 @@ def _bad_file(kind: str, folder: Path, clip: Path) -> Path:
 @pytest.mark.parametrize("kind,reason", [
     ("missing", "file not found"),
     ("empty", "empty file"),
-    ("header-only", "no audio samples"),
+    ("header-only", "truncated"),
     ("text", "not readable as audio"),
     ("nan", "NaN or infinite"),
     ("inf", "NaN or infinite"),
@@ -176,15 +178,16 @@ def test_bad_files_raise_audio_error_naming_file_and_reason(real_clips, tmp_path
     assert caught.value.path == str(path)
 
 
-def test_truncated_wav_loads_the_readable_prefix(real_clips, tmp_path):
-    """libsndfile reads what the cut file still holds: the contract is a shorter clip, not an error."""
+def test_truncated_wav_is_reported_with_both_sizes(real_clips, tmp_path):
+    """A WAV cut short (header kept) is an error saying what the header promised."""
     clip = clips(real_clips)[2]
     raw = clip.read_bytes()
     path = tmp_path / "truncated.wav"
     path.write_bytes(raw[: len(raw) // 2])
-    x, y = read(clip), audio.load(path, trim_db=None)
-    assert 0 < len(y) < len(x)
-    np.testing.assert_array_equal(y, x[: len(y)])
+    with pytest.raises(audio.AudioError, match=r"truncated.wav: truncated: the header promises (\d+) bytes") as caught:
+        audio.load(path)
+    promised, held = map(int, re.findall(r"\d+", caught.value.reason))
+    assert promised == len(raw) - 44 and held < promised
 
 
 def test_info_reads_the_header_and_names_bad_files(real_clips, tmp_path):

@@ -248,3 +248,8 @@ def test_empty_csv_is_an_error(tmp_path):
 def test_missing_label_names_the_line(tmp_path):
     root = kaggle2018(tmp_path, "fname,label\na.wav,Cello\nb.wav,\n")
     assert "train.csv line 3: no label" in read_error(root)
+
+
+def test_header_only_csv_is_an_error(tmp_path):
+    root = kaggle2018(tmp_path, "fname,label,manually_verified\n")
+    assert f"{root / 'train.csv'}: no rows after the header line" in read_error(root)

@@ -172,6 +172,24 @@ def test_torn_last_line_and_stray_data_are_dropped_on_resume(real_clips, cache_d
         np.testing.assert_array_equal(resumed[i], values)
 
 
+def test_garbled_progress_line_is_redone(real_clips, cache_dir, monkeypatch):
+    """A complete but garbled line (zero bytes after a power loss) and all after it are redone."""
+    files = clip_paths(real_clips)
+    complete = store.extract(files, CONFIG, cache_dir, workers=1, progress=False)
+    expected = [np.array(complete[i]) for i in range(len(files))]
+    folder = complete.folder
+    lines = finished_lines(folder)
+    (folder / "index.json").unlink()
+    garbled = "\0" * len(lines[2])
+    (folder / "progress.tsv").write_text("".join(line + "\n" for line in [*lines[:2], garbled, *lines[3:]]))
+
+    computed = count_computed(monkeypatch)
+    resumed = store.extract(files, CONFIG, cache_dir, workers=1, progress=False)
+    assert computed == list(range(2, len(files)))
+    for i, values in enumerate(expected):
+        np.testing.assert_array_equal(resumed[i], values)
+
+
 # ---------------------------------------------------------------- broken files
 
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import re
+
 import numpy as np
 import soundfile as sf
 import soxr
 
 from .errors import SoundtagError
+
+
+# libsndfile's note on a data chunk shorter than its header says
+TRUNCATED = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.M)
 
 
 class AudioError(SoundtagError):
@@ -49,9 +55,13 @@ def load(path: str | Path, sample_rate: int = 44100, trim_db: float | None = 60.
     """Decode `path` to mono float32 at `sample_rate`, trimming leading and
     trailing silence quieter than `trim_db` below the peak (None keeps it)."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            data, rate, extra = f.read(dtype="float32", always_2d=True), f.samplerate, f.extra_info
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(path, _reason(path, e)) from None
+    cut = TRUNCATED.search(extra)
+    if cut:
+        raise AudioError(path, f"truncated: the header promises {cut[1]} bytes of audio, the file holds {cut[2]}")
     if data.size == 0:
         raise AudioError(path, "no audio samples (empty or truncated file)")
     if not np.isfinite(data).all():

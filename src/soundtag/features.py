@@ -47,8 +47,14 @@ class FeatureConfig:
             raise ConfigError(f"unknown feature kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
         if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0 or self.sample_rate <= 0:
             raise ConfigError("sample_rate, n_fft, hop_length and n_mels must be positive")
-        if (self.win_length or self.n_fft) > self.n_fft:
-            raise ConfigError(f"win_length {self.win_length} is longer than n_fft {self.n_fft}")
+        if self.win_length is not None and not 0 < self.win_length <= self.n_fft:
+            raise ConfigError(f"win_length must be between 1 and n_fft ({self.n_fft}), not {self.win_length}")
+        nyquist = self.sample_rate / 2
+        if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
+            raise ConfigError(f"need 0 ≤ fmin < fmax ≤ sample_rate/2 ({nyquist:g}); got fmin {self.fmin}, "
+                              f"fmax {self.fmax}")
+        if self.top_db is not None and self.top_db <= 0:
+            raise ConfigError(f"top_db must be positive (or None), not {self.top_db}")
         if self.kind == "mfcc" and not 0 < self.n_mfcc <= self.n_mels:
             raise ConfigError(f"n_mfcc must be between 1 and n_mels ({self.n_mels})")
         try:

@@ -143,9 +143,13 @@ def _resume(folder: Path, n_features: int, itemsize: int) -> dict[int, tuple[int
     if log.exists():
         text = log.read_text()
         lines = text.split("\n")[:-1]  # the last piece is empty or a torn line
-        for line in lines:
-            i, offset, n, error = line.split("\t", 3)
-            done[int(i)] = (int(offset), int(n), error)
+        for count, line in enumerate(lines):
+            try:
+                i, offset, n, error = line.split("\t", 3)
+                done[int(i)] = (int(offset), int(n), error)
+            except ValueError:  # a garbled line: everything from here on is redone
+                lines = lines[:count]
+                break
         log.write_text("".join(line + "\n" for line in lines))
     end = max((o + n for o, n, _ in done.values()), default=0)
     with open(folder / "data.bin", "ab") as data:
@@ -174,7 +178,12 @@ def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype:
     jobs = [(i, files[i], config, dtype) for i in todo]
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
     if workers <= 1:
-        yield from map(_compute_one, jobs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one clip's STFT gains nothing from more, and suffers on a busy machine
+        try:
+            yield from map(_compute_one, jobs)
+        finally:
+            torch.set_num_threads(threads)
         return
     ctx = multiprocessing.get_context("forkserver")
     with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:

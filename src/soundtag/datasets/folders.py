@@ -1,5 +1,5 @@
 """Folder per class: `root/<class>/<file>`; an optional `root/test/<class>/`
-holds a test split."""
+holds a test split (so no class can be called "test")."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def detect(root: Path) -> bool:
 
 def read(root: Path) -> Dataset:
     rows = _rows(root, "train")
-    if (root / "test").is_dir() and (root / "test") not in _class_dirs(root):
+    if (root / "test").is_dir():
         rows += _rows(root / "test", "test")
     if not rows:
         raise DataError(f"{root}: no audio files in class folders (expected root/<class>/<file>)")

@@ -44,6 +44,8 @@ class Table:
             if len(values) != len(self.columns):
                 raise DataError(f"{path} line {line}: {len(values)} fields, the header has {len(self.columns)}")
             self.rows.append((line, {c: self._strip(v, line) for c, v in zip(self.columns, values)}))
+        if not self.rows:
+            raise DataError(f"{path}: no rows after the header line")
 
     def warn(self, message: str, line: int | None = None) -> None:
         text = f"{self.path}{f' line {line}' if line else ''}: {message}"
