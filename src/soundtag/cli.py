@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 import time
@@ -171,6 +172,8 @@ def train(args: argparse.Namespace) -> int:
         config = resolve(args.preset, args.config, train_overrides(args))
         run = training.train(read_dataset(args), config, args.out, force=args.force, init=args.init,
                              cache_dir=args.cache_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     summary = json.loads((run.folder / "summary.json").read_text())
     print(training.summary_table(summary))
     print(f"run: {run.folder} (curves: {run.folder / 'curves.png'})")
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (configure, run) in COMMANDS.items():
         p = sub.add_parser(name, help=run.__doc__, description=run.__doc__)
         configure(p)
-        p.set_defaults(run=run)
+        p.set_defaults(handler=run)
     return parser
 
 
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="warning: %(message)s")
     try:
-        return args.run(args)
+        return args.handler(args)
     except SoundtagError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,6 +80,9 @@ class TrainConfig:
         _choice("noisy", self.noisy, ("include", "exclude"))
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":
             raise ConfigError(f"folds must be a whole number ≥ 2 or 'own', not {self.folds!r}")
+        if not 0 <= self.crop.low_pct <= self.crop.high_pct <= 100:
+            raise ConfigError(f"crop percentiles need 0 ≤ low_pct ≤ high_pct ≤ 100, got "
+                              f"{self.crop.low_pct} and {self.crop.high_pct}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
         try:
@@ -126,10 +129,13 @@ def _nested_type(annotation: Any) -> type | None:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge plain dicts; lists and scalars in `override` replace."""
+    """Deep-merge plain dicts; lists and scalars in `override` replace, and so
+    does a dict naming another component (a model `name` other than the base's)."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old = out.get(key)
+        nested = isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name")
+        out[key] = merge(old, value) if nested else value
     return out
 
 

@@ -26,6 +26,13 @@ class Context:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), so that all
+        validate the same network and take the same early-stopping decision."""
+        if self.world > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -16,9 +16,12 @@ class Lookahead:
 
     def __init__(self, inner: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
         self.inner, self.k, self.alpha = inner, k, alpha
-        self.param_groups = inner.param_groups
         self.steps = 0
         self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
 
     def step(self, closure=None):
         loss = self.inner.step(closure)
@@ -58,8 +61,10 @@ def build_schedule(optimizer: torch.optim.Optimizer | Lookahead, config: OptimCo
     """A per-step schedule: one-cycle, cosine with linear warm-up, or constant."""
     inner = optimizer.inner if isinstance(optimizer, Lookahead) else optimizer
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(inner, max_lr=config.lr, total_steps=total_steps,
-                                                   pct_start=max(config.warmup, 1e-3))
+        warm = max(config.warmup, 1e-3)
+        if total_steps > 1 and abs(warm * total_steps - 1) < 1e-9:
+            warm = 1.5 / total_steps  # torch divides by zero when the warm-up is exactly one step
+        return torch.optim.lr_scheduler.OneCycleLR(inner, max_lr=config.lr, total_steps=total_steps, pct_start=warm)
     warmup = max(1, int(config.warmup * total_steps))
 
     def factor(step: int) -> float:

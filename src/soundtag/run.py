@@ -41,19 +41,21 @@ class Run:
     classes: list[str]
     multilabel: bool
     data: dict[str, Any]
+    init: str | None = None
 
     @classmethod
     def create(cls, folder: str | Path, config: TrainConfig, classes: list[str], multilabel: bool,
-               data: dict[str, Any], force: bool = False) -> Run:
+               data: dict[str, Any], force: bool = False, init: str | None = None) -> Run:
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()):
             if not force:
                 raise RunError(f"{folder} already exists; pass --force to overwrite it or --resume to continue it")
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        run = cls(folder, config, list(classes), multilabel, data)
+        run = cls(folder, config, list(classes), multilabel, data, init)
         (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        info = {"version": __version__, "classes": run.classes, "multilabel": multilabel, "data": data}
+        info = {"version": __version__, "classes": run.classes, "multilabel": multilabel, "data": data,
+                "init": init}
         (folder / "run.json").write_text(json.dumps(info, indent=1))
         return run
 
@@ -64,7 +66,7 @@ class Run:
             raise RunError(f"{folder}: not a run folder (config.yaml and run.json missing)")
         info = json.loads((folder / "run.json").read_text())
         config = TrainConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-        return cls(folder, config, info["classes"], info["multilabel"], info["data"])
+        return cls(folder, config, info["classes"], info["multilabel"], info["data"], info.get("init"))
 
     @property
     def metric(self) -> str:

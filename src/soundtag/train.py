@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from . import augment, checkpoint, datasets, metrics, plots
+from . import augment, checkpoint, datasets, metrics, models, plots
 from .config import TrainConfig
 from .datasets import Dataset
 from .distributed import Context, setup
@@ -46,11 +46,16 @@ def train(dataset: Dataset, config: TrainConfig, out: str | Path, *, force: bool
         data = data.select(~data.noisy)
     store, data = _features(data, config, cache_dir, ctx, progress)
     folds = assign_folds(data, config.folds, config.seed)
+    _folds_to_train(config, folds)
+    if init:
+        _load_init(models.create_model(config.model.name, len(data.classes), n_mels=config.features.n_features,
+                                       **config.model.params), Path(init), 0, data.classes)
     if ctx.main:
-        run = Run.create(out, config, data.classes, data.multilabel, dataset.source, force)
+        run = Run.create(out, config, data.classes, data.multilabel, dataset.source, force,
+                         init=str(Path(init).resolve()) if init else None)
         run.write_folds(data.names, folds)
     ctx.barrier()
-    return _train_run(Run.open(out), data, store, folds, ctx, init, progress)
+    return _train_run(Run.open(out), data, store, folds, ctx, progress)
 
 
 def resume(folder: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> Run:
@@ -69,7 +74,7 @@ def resume(folder: str | Path, cache_dir: str | Path | None = None, progress: bo
     data = data.select([position[n] for n in saved.fname])
     store, kept = _features(data, run.config, cache_dir, ctx, progress)
     folds = saved.fold.to_numpy()[np.isin(data.names, kept.names)]
-    return _train_run(run, kept, store, folds, ctx, None, progress)
+    return _train_run(run, kept, store, folds, ctx, progress)
 
 
 def _features(data: Dataset, config: TrainConfig, cache_dir, ctx: Context,
@@ -85,34 +90,37 @@ def _features(data: Dataset, config: TrainConfig, cache_dir, ctx: Context,
     return store, data.select(store.ok)
 
 
-def _train_run(run: Run, data: Dataset, store: FeatureStore, folds: np.ndarray, ctx: Context,
-               init: str | Path | None, progress: bool) -> Run:
-    config = run.config
-    torch.set_num_threads(config.num_threads())
-    rows = np.flatnonzero(store.ok)
-    weights = np.where(data.noisy, config.noisy_weight, 1.0).astype(np.float32)
+def _folds_to_train(config: TrainConfig, folds: np.ndarray) -> list[int]:
     wanted = config.train_folds if config.train_folds is not None else fold_ids(folds)
     unknown = sorted(set(wanted) - set(fold_ids(folds)))
     if unknown:
         raise RunError(f"fold(s) {unknown} do not exist; folds: {fold_ids(folds)}")
-    for k in wanted:
+    return wanted
+
+
+def _train_run(run: Run, data: Dataset, store: FeatureStore, folds: np.ndarray, ctx: Context,
+               progress: bool) -> Run:
+    config = run.config
+    torch.set_num_threads(config.num_threads())
+    rows = np.flatnonzero(store.ok)
+    weights = np.where(data.noisy, config.noisy_weight, 1.0).astype(np.float32)
+    for k in _folds_to_train(config, folds):
         val = folds == k
         train_set = ClipSet(store, rows[~val], data.targets[~val], weights[~val])
         val_set = ClipSet(store, rows[val], data.targets[val], np.ones(int(val.sum()), np.float32))
-        _train_fold(run, k, train_set, val_set, ctx, init, progress)
+        _train_fold(run, k, train_set, val_set, ctx, progress)
     if ctx.main:
         _summarise(run, data, folds)
     ctx.barrier()
     return run
 
 
-def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Context,
-                init: str | Path | None, progress: bool) -> None:
+def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Context, progress: bool) -> None:
     config = run.config
     torch.manual_seed(config.seed + k)
     model = run.new_model()
-    if init:
-        _load_init(model, Path(init), k, run.classes)
+    if run.init:
+        _load_init(model, Path(run.init), k, run.classes)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=memory)
     optimizer = build_optimizer(model.parameters(), config.optim)
@@ -126,6 +134,7 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         state = saved["progress"]
+        _forget_epochs_after(run.fold_dir(k) / "metrics.csv", state["epoch"])
     run.fold_dir(k).mkdir(exist_ok=True)
     net = ctx.wrap(model)
     transforms = augment.build(config.augment)
@@ -139,6 +148,7 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
         desc = f"fold {k} epoch {epoch + 1}/{config.epochs}"
         train_loss, rate = _train_epoch(net, train_set, config, run.multilabel, transforms, optimizer,
                                         schedule, rng, gen, ctx, memory, desc, progress)
+        ctx.sync_buffers(model)
         logits = clip_logits(model, val_set, config.batch_size, config.bf16, ctx.device, memory)
         val_loss = _loss(torch.from_numpy(logits), torch.from_numpy(val_set.targets), None,
                          run.multilabel, 0.0).item()
@@ -211,6 +221,13 @@ def _metric(run: Run, truth: np.ndarray, scores: np.ndarray) -> float:
     return metrics.lwlrap(truth, scores) if run.multilabel else metrics.map_at_k(truth, scores, 3)
 
 
+def _forget_epochs_after(path: Path, epoch: int) -> None:
+    """Drop metrics rows of epochs the checkpoint does not hold (a kill between the two)."""
+    if path.exists():
+        history = pd.read_csv(path)
+        history[history.epoch <= epoch].to_csv(path, index=False)
+
+
 def _log_epoch(run: Run, k: int, epoch: int, train_loss: float, val_loss: float, figure: float,
                optimizer, rate: float, seconds: float) -> None:
     path = run.fold_dir(k) / "metrics.csv"
@@ -231,7 +248,10 @@ def _load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str])
     weights = load_file(str(source.fold_dir(k if k in trained else trained[0]) / "model.safetensors"))
     if source.classes != classes:
         weights = {n: t for n, t in weights.items() if not n.startswith("head.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError:  # same names, other shapes
+        missing, unexpected = [""], []
     if unexpected or any(not n.startswith("head.") for n in missing):
         raise RunError(f"--init {folder}: its model ({source.config.model.name} "
                        f"{source.config.model.params}) does not match this config's")
