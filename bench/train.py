@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import dev_corpus_path  # noqa: E402
 
-MODELS = {"cnn6@0.25 (fast)": ("cnn6", {"width": 0.25}), "cnn6": ("cnn6", {}), "cnn10": ("cnn10", {}),
+MODELS = {"cnn6@0.5 (fast)": ("cnn6", {"width": 0.5, "dropout": 0.2}), "cnn6": ("cnn6", {}), "cnn10": ("cnn10", {}),
           "vgg": ("vgg", {}), "mobilenetv2": ("mobilenetv2", {}), "resnet": ("resnet", {})}
 VARIANTS = {"fp32": (False, False), "fp32+cl": (False, True), "bf16+cl": (True, True)}
 BATCH, FRAMES, MELS, CLASSES = 32, 172, 64, 41

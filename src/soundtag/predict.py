@@ -42,11 +42,18 @@ def combine(scores: np.ndarray, mean: str = "arithmetic", weights: np.ndarray | 
     """Weighted arithmetic or geometric mean over the first axis."""
     if mean not in MEANS:
         raise ConfigError(f"unknown mean {mean!r}; valid: {', '.join(MEANS)}")
-    w = np.ones(len(scores)) if weights is None else np.asarray(weights, np.float64)
+    w = np.ones(len(scores)) if weights is None else _check_weights(weights)
     w = (w / w.sum()).reshape(-1, *([1] * (scores.ndim - 1)))
     if mean == "geometric":
         return np.exp((w * np.log(np.clip(scores, 1e-7, 1.0))).sum(0)).astype(np.float32)
     return (w * scores).sum(0).astype(np.float32)
+
+
+def _check_weights(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, np.float64)
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"run weights must be finite and ≥ 0 with a positive total, not {list(weights)}")
+    return w
 
 
 @torch.inference_mode()
@@ -82,8 +89,8 @@ class TTA:
             raise ConfigError(f"unknown TTA mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.mean not in MEANS:
             raise ConfigError(f"unknown mean {self.mean!r}; valid: {', '.join(MEANS)}")
-        if self.offsets < 1 or self.tile <= 0 or self.hop <= 0 or not self.lengths:
-            raise ConfigError("TTA needs offsets ≥ 1, a positive tile and hop, and at least one length")
+        if self.offsets < 1 or self.tile <= 0 or self.hop <= 0 or not self.lengths or min(self.lengths) <= 0:
+            raise ConfigError("TTA needs offsets ≥ 1, a positive tile and hop, and positive crop lengths")
 
     def views(self, spec: np.ndarray, fps: float) -> list[np.ndarray]:
         """Batches [n, 1, F, T] of the views of one clip, one batch per view length."""
@@ -92,7 +99,7 @@ class TTA:
             return [spec[None, None].astype(np.float32)]
         if self.mode == "tiles":
             size = max(8, round(self.tile * fps))
-            starts = _starts(frames, size, max(1, round(self.hop * fps)))
+            starts = tile_starts(frames, size, max(1, round(self.hop * fps)))
             return [np.stack([_window(spec, s, size) for s in starts])[:, None]]
         out = []
         for seconds in self.lengths:
@@ -102,7 +109,7 @@ class TTA:
         return out
 
 
-def _starts(frames: int, size: int, hop: int) -> list[int]:
+def tile_starts(frames: int, size: int, hop: int) -> list[int]:
     """Tile starts covering the clip, the last tile flush with its end."""
     if frames <= size:
         return [0]
@@ -188,6 +195,7 @@ class Tagger:
         weights = list(weights) if weights else [1.0] * len(runs)
         if len(weights) != len(runs):
             raise ConfigError(f"{len(weights)} weights given for {len(runs)} runs")
+        _check_weights(weights)
         return cls([load_member(r, backend, w, threads) for r, w in zip(runs, weights)], tta, mean)
 
     def thresholds(self) -> np.ndarray:

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 from . import audio, features  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .plots import save  # noqa: E402
-from .predict import Tagger  # noqa: E402
+from .predict import Tagger, tile_starts  # noqa: E402
 
 
 @dataclass
@@ -57,17 +57,19 @@ class Timeline:
 
 
 def timeline(tagger: Tagger, path: str | Path, window: float = 2.0, hop: float = 1.0) -> Timeline:
-    """Score every `window`-second stretch of a recording, `hop` seconds apart."""
+    """Score every `window`-second stretch of a recording, `hop` seconds apart,
+    the last window flush with the end; times are those of whole frames."""
     if window <= 0 or hop <= 0:
         raise ConfigError("window and hop must be positive")
-    specs, starts = {}, None
+    specs, starts, length = {}, None, window
     for config in tagger.feature_configs:
         spec = features.compute(audio.load(path, config.sample_rate, trim_db=None), config)
         fps = config.sample_rate / config.hop_length
-        size, step = max(8, round(window * fps)), max(1, round(hop * fps))
-        first = np.arange(0, max(1, spec.shape[1] - size + 1), step)
+        size = max(8, round(window * fps))
+        first = tile_starts(spec.shape[1], size, max(1, round(hop * fps)))
         specs[config] = [spec[:, s : s + size] for s in first]
-        starts = first / fps if starts is None else starts
+        if starts is None:  # times follow the first front end's frames
+            starts, length = np.asarray(first) / fps, size / fps
     n = min(len(v) for v in specs.values())
     clips = [{c: v[i] for c, v in specs.items()} for i in range(n)]
-    return Timeline(np.asarray(starts[:n]), window, tagger.score_clips(clips), tagger.classes)
+    return Timeline(starts[:n], length, tagger.score_clips(clips), tagger.classes)
