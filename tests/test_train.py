@@ -40,7 +40,7 @@ DEMO = Path(__file__).parents[1] / "data" / "demo"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_MODEL = {"name": "cnn6", "params": {"width": 0.125}}
 # The fast preset (5 folds, fold 0 trained, mixup + SpecAugment) with a tiny network.
-TINY = {"epochs": 3, "batch_size": 16, "threads": 1, "model": TINY_MODEL}
+TINY = {"epochs": 3, "batch_size": 16, "threads": 1, "bf16": False, "model": TINY_MODEL}
 CLASSES4 = ["Acoustic_guitar", "Applause", "Bass_drum", "Cello"]
 ESC_CLASSES = ["Chime", "Cowbell", "Flute"]
 
@@ -145,7 +145,7 @@ def test_every_preset_resolves_and_validates():
         config.validate()
         assert config.epochs >= 1 and config.augment
     fast, k2019 = resolve("fast"), resolve("kaggle2019")
-    assert fast.model == ModelConfig("cnn6", {"width": 0.25}) and fast.train_folds == [0]
+    assert fast.model == ModelConfig("cnn6", {"width": 0.5, "dropout": 0.2}) and fast.train_folds == [0]
     assert k2019.model.name == "vgg" and k2019.noisy_weight == 0.5 and k2019.bf16
     assert resolve("kaggle2018").features.n_mels == 128
 
@@ -219,10 +219,10 @@ def test_yaml_file_merges_over_the_preset_and_cli_options_over_the_file(tmp_path
     assert from_file.epochs == 4 and from_file.batch_size == 24
     # Nested mappings merge key by key, lists replace.
     assert from_file.optim == dataclasses.replace(resolve("fast").optim, lr=0.01)
-    assert from_file.model == ModelConfig("cnn6", {"width": 0.5})
+    assert from_file.model == ModelConfig("cnn6", {"width": 0.5, "dropout": 0.2})
     assert from_file.augment == [{"name": "gain", "p": 0.5}]
     assert from_file.features.n_mels == 32 and from_file.features.hop_length == 512
-    assert from_file.patience == 8 and from_file.train_folds == [0]  # untouched preset values
+    assert from_file.patience == 10 and from_file.train_folds == [0]  # untouched preset values
 
     args = cli.build_parser().parse_args(
         ["train", "DATA", "--out", "RUN", "--config", str(path), "--epochs", "2", "--batch-size", "8",
@@ -232,7 +232,7 @@ def test_yaml_file_merges_over_the_preset_and_cli_options_over_the_file(tmp_path
                          "bf16": False}
     config = resolve(args.preset, args.config, overrides)
     assert (config.epochs, config.batch_size, config.folds, config.train_folds) == (2, 8, 3, [1, 2])
-    assert config.optim.lr == 0.01 and config.model.params == {"width": 0.5}
+    assert config.optim.lr == 0.01 and config.model.params == {"width": 0.5, "dropout": 0.2}
 
 
 def test_cli_overrides_folds_model_and_bf16():
@@ -793,7 +793,7 @@ def test_cli_init_from_a_run_of_another_model_is_an_error_message(baseline, esc,
             "--fold", "1", "--init", str(baseline.folder), "--model", "cnn10"]
     assert cli.main(args) == 2
     line = error_line(capsys)
-    assert f"--init {baseline.folder}: its model (cnn6 {{'width': 0.125}}) does not match" in line
+    assert f"--init {baseline.folder}: its model (cnn6 {{'width': 0.125, 'dropout': 0.2}}) does not match" in line
     assert not (tmp_path / "run" / "fold1" / "model.safetensors").exists()
 
 
@@ -819,7 +819,7 @@ def test_cli_train_with_own_folds_refuses_to_overwrite_and_resumes(esc, tmp_path
     assert f"run: {out} (curves: {out / 'curves.png'})" in printed
     run = Run.open(out)
     assert run.trained_folds() == [2] and run.config.epochs == 1 and run.config.folds == "own"
-    assert run.config.model == ModelConfig(**TINY_MODEL)
+    assert run.config.model == ModelConfig("cnn6", {**TINY_MODEL["params"], "dropout": 0.2})
     folds = run.read_folds()
     own = datasets.read(esc)
     assert list(folds.fname) == own.names and (folds.fold.to_numpy() == own.fold).all()

@@ -44,12 +44,12 @@ def train(dataset: Dataset, config: TrainConfig, out: str | Path, *, force: bool
     data = dataset.subset("train")
     if config.noisy == "exclude":
         data = data.select(~data.noisy)
+    if init:  # fail early on a run that does not fit
+        _load_init(models.create_model(config.model.name, len(data.classes), n_mels=config.features.n_features,
+                                       **config.model.params), Path(init), 0, data.classes)
     store, data = _features(data, config, cache_dir, ctx, progress)
     folds = assign_folds(data, config.folds, config.seed)
     _folds_to_train(config, folds)
-    if init:
-        _load_init(models.create_model(config.model.name, len(data.classes), n_mels=config.features.n_features,
-                                       **config.model.params), Path(init), 0, data.classes)
     if ctx.main:
         run = Run.create(out, config, data.classes, data.multilabel, dataset.source, force,
                          init=str(Path(init).resolve()) if init else None)
