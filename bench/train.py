@@ -121,13 +121,15 @@ def baseline(data, store_mfcc, store_mel) -> np.ndarray:
     return classifier.predict_proba(x[~train])
 
 
-def quality(corpus: Path, work: Path) -> dict:
+def quality(corpus: Path, work: Path, sets: list[str]) -> dict:
     from soundtag import config, datasets, metrics, train
     from soundtag.features import FeatureConfig
     from soundtag.predict import Tagger
     from soundtag.store import extract
     results = {}
     for name, path in (("single-label", corpus), ("multi-label", corpus / "multilabel")):
+        if name not in sets:
+            continue
         data = datasets.read(path)
         preset = config.resolve("fast")
         mfcc = FeatureConfig(**{**preset.features.to_dict(), "kind": "mfcc", "n_mfcc": 40})
@@ -174,6 +176,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="time per speed measurement")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--sets", nargs="+", default=["single-label", "multi-label"], help="quality: which sets")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -184,7 +187,7 @@ def main() -> None:
         figures["speed"] = speed(args.seconds)
         print_speed(figures["speed"])
     if not args.skip_quality:
-        figures["quality"] = quality(args.corpus or dev_corpus_path(), args.work)
+        figures["quality"] = quality(args.corpus or dev_corpus_path(), args.work, args.sets)
         print_quality(figures["quality"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=1))

@@ -357,6 +357,23 @@ def test_train_batches_crop_between_percentiles_with_matching_targets(tiny_store
     assert len({x.shape[-1] for x, _, _ in batches}) > 1, "each batch draws its own crop length"
 
 
+def test_epoch_clips_draws_a_fresh_subset_each_epoch(tiny_store):
+    data, store = tiny_store
+    n = len(store)
+    clips = ClipSet(store, np.arange(n), data.targets, np.arange(n, dtype=np.float32))
+    draws = []
+    for seed in (0, 1):
+        batches = list(train_batches(clips, 8, CropConfig(), np.random.default_rng(seed), limit=16))
+        assert len(batches) == 2 and all(len(w) == 8 for _, _, w in batches)
+        picked = np.concatenate([w.numpy() for _, _, w in batches]).astype(int)
+        assert len(set(picked)) == 16
+        draws.append(set(picked))
+    assert draws[0] != draws[1]
+    assert len(list(train_batches(clips, 8, CropConfig(), np.random.default_rng(0), limit=10 * n))) == -(-n // 8)
+    with pytest.raises(ConfigError, match="epoch_clips"):
+        tiny_config(epoch_clips=0)
+
+
 def test_two_ranks_take_disjoint_shares_of_each_step(tiny_store):
     data, store = tiny_store
     n = len(store)

@@ -59,6 +59,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: list[dict[str, Any]] = field(default_factory=list)
     epochs: int = 30
+    epoch_clips: int | None = None
     batch_size: int = 32
     patience: int = 10
     label_smoothing: float = 0.0
@@ -83,6 +84,8 @@ class TrainConfig:
         if not 0 <= self.crop.low_pct <= self.crop.high_pct <= 100:
             raise ConfigError(f"crop percentiles need 0 ≤ low_pct ≤ high_pct ≤ 100, got "
                               f"{self.crop.low_pct} and {self.crop.high_pct}")
+        if self.epoch_clips is not None and self.epoch_clips < 1:
+            raise ConfigError(f"epoch_clips must be at least 1 (or left out), not {self.epoch_clips}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
         try:

@@ -38,14 +38,21 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return max(1, -(-n // batch_size) // world)
 
 
+def epoch_size(clips: ClipSet, limit: int | None) -> int:
+    """Clips an epoch draws: all, or at most `limit`."""
+    return min(len(clips), limit or len(clips))
+
+
 def train_batches(clips: ClipSet, batch_size: int, crop: CropConfig, rng: np.random.Generator,
-                  rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled batches (x [B,1,F,T], y [B,C], weight [B]); every
-    batch has its own crop length. With `world` processes, each takes its share
-    of the same shuffled order."""
-    order = rng.permutation(len(clips))
+                  rank: int = 0, world: int = 1,
+                  limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled batches (x [B,1,F,T], y [B,C], weight [B]) over
+    all clips or a fresh random draw of `limit` of them; every batch has its
+    own crop length. With `world` processes, each takes its share of the same
+    shuffled order."""
+    order = rng.permutation(len(clips))[: epoch_size(clips, limit)]
     lengths = clips.lengths
-    steps = steps_per_epoch(len(clips), batch_size, world)
+    steps = steps_per_epoch(len(order), batch_size, world)
     for step in range(steps):
         length = crop_length(lengths, crop.low_pct, crop.high_pct, rng)
         start = (step * world + rank) * batch_size

@@ -137,6 +137,14 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
+def _labelled_clips(truth: Any, scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checked inputs without the clips that have no true label."""
+    _check_k(k)
+    truth, scores = _validate(truth, scores)
+    keep = truth.any(axis=1)
+    return truth[keep], scores[keep]
+
+
 def map_at_k(truth: np.ndarray, scores: np.ndarray, k: int = 3) -> float:
     """Mean average precision at ``k`` (FSDKaggle2018 "MAP@3" for ``k=3``).
 
@@ -146,10 +154,7 @@ def map_at_k(truth: np.ndarray, scores: np.ndarray, k: int = 3) -> float:
     Ranks use the pessimistic tie convention (see module docstring).  Clips with
     no true labels are dropped; NaN if no clip remains.
     """
-    _check_k(k)
-    truth, scores = _validate(truth, scores)
-    keep = truth.any(axis=1)
-    truth, scores = truth[keep], scores[keep]
+    truth, scores = _labelled_clips(truth, scores, k)
     if truth.shape[0] == 0:
         return float("nan")
     hits, rank = _pessimistic_precisions(truth, scores)
@@ -166,10 +171,7 @@ def top_k_accuracy(truth: np.ndarray, scores: np.ndarray, k: int = 1) -> float:
     of labels scored >= it) is <= k.  Clips with no true labels are dropped; NaN
     if no clip remains.
     """
-    _check_k(k)
-    truth, scores = _validate(truth, scores)
-    keep = truth.any(axis=1)
-    truth, scores = truth[keep], scores[keep]
+    truth, scores = _labelled_clips(truth, scores, k)
     if truth.shape[0] == 0:
         return float("nan")
     _, rank = _pessimistic_precisions(truth, scores)

@@ -25,7 +25,7 @@ from . import augment, checkpoint, datasets, metrics, models, plots
 from .config import TrainConfig
 from .datasets import Dataset
 from .distributed import Context, setup
-from .loader import ClipSet, steps_per_epoch, train_batches
+from .loader import ClipSet, epoch_size, steps_per_epoch, train_batches
 from .optim import build_optimizer, build_schedule
 from .predict import activate, clip_logits
 from .run import Run, RunError
@@ -124,7 +124,7 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=memory)
     optimizer = build_optimizer(model.parameters(), config.optim)
-    steps = steps_per_epoch(len(train_set), config.batch_size, ctx.world)
+    steps = steps_per_epoch(epoch_size(train_set, config.epoch_clips), config.batch_size, ctx.world)
     schedule = build_schedule(optimizer, config.optim, steps * config.epochs)
     stem = run.fold_dir(k) / "checkpoint"
     state = {"epoch": 0, "best": -np.inf, "best_epoch": -1, "bad": 0}
@@ -179,11 +179,12 @@ def _train_epoch(net, clips: ClipSet, config: TrainConfig, multilabel: bool, tra
                  desc: str, progress: bool) -> tuple[float, float]:
     """One pass over the training clips; returns the mean loss and clips/s."""
     net.train()
-    steps = steps_per_epoch(len(clips), config.batch_size, ctx.world)
+    steps = steps_per_epoch(epoch_size(clips, config.epoch_clips), config.batch_size, ctx.world)
     bar = tqdm(total=steps * config.batch_size, unit="clip", desc=desc, leave=False,
                disable=not (progress and ctx.main), dynamic_ncols=True)
     total, start = 0.0, time.perf_counter()
-    for x, y, w in train_batches(clips, config.batch_size, config.crop, rng, ctx.rank, ctx.world):
+    for x, y, w in train_batches(clips, config.batch_size, config.crop, rng, ctx.rank, ctx.world,
+                                 config.epoch_clips):
         x, y, w = x.to(ctx.device), y.to(ctx.device), w.to(ctx.device)
         x, y = transforms(x, y, gen)
         with _autocast(config.bf16, ctx.device):
