@@ -48,7 +48,7 @@ def probe_all(files: list[Path], workers: int | None = None, progress: bool = Tr
     bar = dict(total=len(files), unit="clip", desc="inspect", disable=not progress, dynamic_ncols=True)
     if workers <= 1:
         return [probe(f) for f in tqdm(files, **bar)]
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
         return list(tqdm(pool.imap(probe, files, chunksize=16), **bar))
 
 

@@ -185,7 +185,7 @@ def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype:
         finally:
             torch.set_num_threads(threads)
         return
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context("fork")  # starts in milliseconds; workers run torch on one thread
     with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         yield from pool.imap(_compute_one, jobs, chunksize=4)
 
