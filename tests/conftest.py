@@ -58,3 +58,12 @@ def real_clips(dev_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def cache_dir(tmp_path: Path) -> Path:
     """An empty feature-cache root of the test's own."""
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module's tests: two threads on a busy 2-core
+    machine can run a hundred times slower."""
+    from helpers import one_torch_thread
+    with one_torch_thread():
+        yield

@@ -8,7 +8,7 @@ import io
 import json
 
 import pytest
-from helpers import DEMO, PNG_MAGIC, one_torch_thread
+from helpers import DEMO, PNG_MAGIC
 
 from soundtag import demo
 from soundtag.cli import main
@@ -18,10 +18,7 @@ from soundtag.predict import Tagger
 from soundtag.run import Run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DEMO, MULTI, PNG_MAGIC, held_out, one_torch_thread, shared_run, warm_cache
+from helpers import DEMO, MULTI, PNG_MAGIC, held_out, shared_run, warm_cache
 from sklearn.metrics import label_ranking_average_precision_score
 
 from soundtag import datasets, evaluation, metrics
@@ -23,10 +23,7 @@ from soundtag.run import Run
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def f1_at(truth: np.ndarray, scores: np.ndarray, t: float) -> float:

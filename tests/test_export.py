@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from helpers import copy_run, held_out, one_torch_thread, shared_run, spec_of
+from helpers import copy_run, held_out, shared_run, spec_of
 from safetensors.torch import load_file, save_file
 
 from soundtag.cli import main
@@ -21,10 +21,7 @@ from soundtag.predict import TTA, Tagger, activate
 from soundtag.run import Run, RunError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def one_thread() -> ort.SessionOptions:

@@ -10,17 +10,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import bad_files, held_out, one_torch_thread, shared_run
+from helpers import bad_files, held_out, shared_run
 
 from soundtag import outputs
 from soundtag.errors import ConfigError
 from soundtag.predict import Tagger
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

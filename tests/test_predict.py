@@ -15,7 +15,7 @@ import pytest
 import soxr
 import torch
 import yaml
-from helpers import bad_files, copy_run, decode, held_out, one_torch_thread, shared_run, spec_of, write_wav
+from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, write_wav
 
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
@@ -31,10 +31,7 @@ FPS = 44100 / 512  # frames per second of the default feature config
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import PNG_MAGIC, decode, held_out, one_torch_thread, shared_run, write_wav
+from helpers import PNG_MAGIC, decode, held_out, shared_run, write_wav
 
 from soundtag import features
 from soundtag.cli import main
@@ -20,10 +20,7 @@ FPS = RATE / 512
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
