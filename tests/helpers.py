@@ -118,3 +118,12 @@ def bad_files(folder: Path) -> dict[str, Path]:
     text.write_text("this is not audio, just a text file\n" * 20)
     return {"missing": folder / "missing.wav", "empty": empty, "text": text}
 
+
+
+def error_line(capsys: pytest.CaptureFixture) -> str:
+    """The whole of stderr, checked to be one `error:` line without a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import error_line
 from soundtag.cli import COMMANDS, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,15 +40,6 @@ def small_2019(real_clips: Path, root: Path) -> Path:
     rows = [f"{c.name},{label}" for c, label in zip(clips, labels)]
     (root / "train_curated.csv").write_text("\n".join(["fname,labels", *rows]) + "\n")
     return root
-
-
-def error_line(capsys: pytest.CaptureFixture) -> str:
-    """The whole of stderr, checked to be one `error:` line without a traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- inspect

@@ -153,13 +153,17 @@ def _wait_for_progress(cache: Path, child: subprocess.Popen, lines: int, timeout
     pytest.fail(f"no {lines} finished clips in {cache} after {timeout} s")
 
 
-def test_torn_last_line_and_stray_data_are_dropped_on_resume(real_clips, cache_dir, monkeypatch):
+def reopened_cache(real_clips: Path, cache_dir: Path) -> tuple[list[Path], list[np.ndarray], Path, list[str]]:
+    """A complete cache made incomplete again: (files, their features, folder, progress lines)."""
     files = clip_paths(real_clips)
     complete = store.extract(files, CONFIG, cache_dir, workers=1, progress=False)
     expected = [np.array(complete[i]) for i in range(len(files))]
-    folder = complete.folder
-    lines = finished_lines(folder)
-    (folder / "index.json").unlink()
+    (complete.folder / "index.json").unlink()
+    return files, expected, complete.folder, finished_lines(complete.folder)
+
+
+def test_torn_last_line_and_stray_data_are_dropped_on_resume(real_clips, cache_dir, monkeypatch):
+    files, expected, folder, lines = reopened_cache(real_clips, cache_dir)
     # A kill while line 4 was written: its fields are all there but its newline is not;
     # data.bin still holds every clip's features past the last finished one.
     (folder / "progress.tsv").write_text("".join(line + "\n" for line in lines[:3]) + lines[3])
@@ -174,12 +178,7 @@ def test_torn_last_line_and_stray_data_are_dropped_on_resume(real_clips, cache_d
 
 def test_garbled_progress_line_is_redone(real_clips, cache_dir, monkeypatch):
     """A complete but garbled line (zero bytes after a power loss) and all after it are redone."""
-    files = clip_paths(real_clips)
-    complete = store.extract(files, CONFIG, cache_dir, workers=1, progress=False)
-    expected = [np.array(complete[i]) for i in range(len(files))]
-    folder = complete.folder
-    lines = finished_lines(folder)
-    (folder / "index.json").unlink()
+    files, expected, folder, lines = reopened_cache(real_clips, cache_dir)
     garbled = "\0" * len(lines[2])
     (folder / "progress.tsv").write_text("".join(line + "\n" for line in [*lines[:2], garbled, *lines[3:]]))
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import error_line
 from soundtag import cli, datasets, models
 from soundtag import train as training
 from soundtag.config import CropConfig, ModelConfig, OptimConfig, TrainConfig, merge, presets, resolve
@@ -92,14 +93,6 @@ def read_progress(stem: Path) -> dict:
     skeleton = json.loads(stem.with_suffix(".json").read_text())
     progress = dict(skeleton["__items__"])["progress"]
     return dict(progress["__items__"])
-
-
-def error_line(capsys: pytest.CaptureFixture) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -80,10 +80,10 @@ def resume(folder: str | Path, cache_dir: str | Path | None = None, progress: bo
 def _features(data: Dataset, config: TrainConfig, cache_dir, ctx: Context,
               progress: bool) -> tuple[FeatureStore, Dataset]:
     """The cached features (computed by the main process) and the clips that have them."""
-    if ctx.main:
-        extract(data.files, config.features, cache_dir, progress=progress)
+    store = extract(data.files, config.features, cache_dir, progress=progress) if ctx.main else None
     ctx.barrier()
-    store = extract(data.files, config.features, cache_dir, progress=False)
+    if store is None:  # other ranks open what the main process wrote
+        store = extract(data.files, config.features, cache_dir, progress=False)
     if store.errors and ctx.main:
         log.warning(f"{len(store.errors)} unreadable clip(s) skipped, e.g. "
                     f"{next(iter(store.failures().items()))}")
