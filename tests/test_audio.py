@@ -124,6 +124,9 @@ def test_trim_equals_librosa_on_real_clips_padded_with_silence(real_clips, tmp_p
         assert len(trimmed) < len(padded)
         np.testing.assert_array_equal(trimmed, expected)
         np.testing.assert_array_equal(audio.trim(padded, 60.0), expected)
+        # a frame that is not a whole number of hops takes the general path
+        expected, _ = librosa.effects.trim(padded, top_db=40, frame_length=1000, hop_length=300)
+        np.testing.assert_array_equal(audio.trim(padded, 40.0, frame=1000, hop=300), expected)
 
 
 def test_trim_db_none_keeps_the_silence(real_clips, tmp_path):

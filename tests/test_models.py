@@ -127,6 +127,7 @@ def test_channels_last_and_bf16_autocast(name: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy exporter
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the mel axis is fixed in an export
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_export_dynamic_frames(name: str, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")

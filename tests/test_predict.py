@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,12 @@ import torch
 import yaml
 from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, write_wav
 
+from soundtag import predict
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
 from soundtag.features import FeatureConfig
 from soundtag.outputs import top_k
-from soundtag.predict import TTA, Tagger, activate, combine
+from soundtag.predict import TTA, Tagger, activate, combine, ordered_map
 from soundtag.run import Run, RunError
 
 FPS = 44100 / 512  # frames per second of the default feature config
@@ -237,6 +240,55 @@ def test_tag_files_equals_scoring_the_computed_features(tagger_a, held_files, cf
     assert errors == {}
     expected = tagger_a.score_clips([{cfg: spec_of(f, cfg)} for f in files])
     np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
+def test_tagging_in_chunks_on_two_threads_equals_scoring_all_at_once(run_a, held_files, cfg, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(predict, "CHUNK", 3)  # several chunks, one cut short by the unreadable file
+    files = [*held_files[:4], bad_files(tmp_path)["text"], *held_files[4:9]]
+    tagger = Tagger.load([run_a], threads=2)
+    threads = torch.get_num_threads()
+    scores, errors = tagger.tag_files(files, workers=2, progress=False)
+    assert torch.get_num_threads() == threads  # tagging runs torch on one thread, then gives the setting back
+    assert list(errors) == [4] and np.isnan(scores[4]).all()
+    good = [f for i, f in enumerate(files) if i != 4]
+    expected = Tagger.load([run_a], threads=1).score_clips([{cfg: spec_of(f, cfg)} for f in good])
+    np.testing.assert_allclose(np.delete(scores, 4, axis=0), expected, atol=1e-6)
+
+
+def test_ordered_map_keeps_the_order_and_bounds_the_work_in_flight():
+    lock, state = threading.Lock(), {"running": 0, "most": 0}
+
+    def slow_square(x: int) -> int:
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        time.sleep(0.002 * (x % 3))
+        with lock:
+            state["running"] -= 1
+        return x * x
+
+    taken = []
+
+    def items():
+        for x in range(40):
+            taken.append(x)
+            yield x
+
+    for y, (x, square) in enumerate(zip(range(40), ordered_map(slow_square, items(), threads=3, ahead=5))):
+        assert square == x * x
+        assert len(taken) <= y + 5  # never more than `ahead` items taken beyond those consumed
+    assert 1 < state["most"] <= 3
+
+
+def test_ordered_map_passes_an_error_on():
+    def fails_on_three(x: int) -> int:
+        if x == 3:
+            raise ValueError("three")
+        return x
+
+    with pytest.raises(ValueError, match="three"):
+        list(ordered_map(fails_on_three, range(10), threads=2))
 
 
 # ---------------------------------------------------------------- ensembles

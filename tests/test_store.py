@@ -91,6 +91,25 @@ def test_parallel_extraction_equals_serial(dev_corpus, tmp_path):
     assert_same_store(serial, parallel)
 
 
+def test_clip_features_decode_once_per_rate_and_match_each_config_alone(real_clips, monkeypatch):
+    path = str(clip_paths(real_clips)[0])
+    configs = [CONFIG, FeatureConfig(n_mels=32), FeatureConfig(sample_rate=16000, n_fft=512, hop_length=256)]
+    loads = []
+    load = audio.load
+    monkeypatch.setattr(audio, "load", lambda *args: loads.append(args) or load(*args))
+    specs, error = store.clip_features(path, configs)
+    assert error == "" and len(loads) == 2  # 44.1 kHz once for two configs, 16 kHz once
+    for spec, config in zip(specs, configs):
+        wave = load(path, config.sample_rate, config.trim_db)
+        np.testing.assert_array_equal(spec, features.compute(wave, config))
+
+
+def test_clip_features_of_an_unreadable_file_give_the_reason(tmp_path):
+    (tmp_path / "notes.wav").write_text("not audio")
+    specs, reason = store.clip_features(str(tmp_path / "notes.wav"), [CONFIG])
+    assert specs is None and reason.startswith("not readable as audio")
+
+
 def test_second_call_reads_the_cache_without_computing(real_clips, cache_dir, monkeypatch):
     files = clip_paths(real_clips)
     first = store.extract(files, CONFIG, cache_dir, workers=1, progress=False)

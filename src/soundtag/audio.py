@@ -6,17 +6,15 @@ names the file and says what is wrong with it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import re
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from .errors import SoundtagError
-
 
 # libsndfile's note on a data chunk shorter than its header says
 TRUNCATED = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.M)
@@ -56,7 +54,7 @@ def load(path: str | Path, sample_rate: int = 44100, trim_db: float | None = 60.
     trailing silence quieter than `trim_db` below the peak (None keeps it)."""
     try:
         with sf.SoundFile(str(path)) as f:
-            data, rate, extra = f.read(dtype="float32", always_2d=True), f.samplerate, f.extra_info
+            data, rate, extra = _read(f), f.samplerate, f.extra_info
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(path, _reason(path, e)) from None
     cut = TRUNCATED.search(extra)
@@ -83,13 +81,26 @@ def trim(wave: np.ndarray, top_db: float = 60.0, frame: int = 2048, hop: int = 5
     n = 1 + (len(padded) - frame) // hop
     if n < 1:
         return wave
-    frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::hop][:n]
-    power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
+    if frame % hop:
+        frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::hop][:n]
+        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
+    else:  # each frame is frame/hop whole hops: sum the hops' energies once
+        hops = padded[: (n - 1) * hop + frame].reshape(-1, hop)
+        energy = np.einsum("ij,ij->i", hops, hops, dtype=np.float64)
+        power = np.lib.stride_tricks.sliding_window_view(energy, frame // hop).sum(axis=1) / frame
     floor = max(power.max(), 1e-10) * 10.0 ** (-top_db / 10.0)
     loud = np.flatnonzero(np.maximum(power, 1e-10) > floor)
     if len(loud) == 0:
         return wave
     return wave[loud[0] * hop : min(len(wave), (loud[-1] + 1) * hop)]
+
+
+def _read(f: sf.SoundFile) -> np.ndarray:
+    """All frames as float32 [frames, channels]; 16-bit PCM is scaled in numpy,
+    which gives the same values as libsndfile's conversion in half the time."""
+    if f.subtype != "PCM_16":
+        return f.read(dtype="float32", always_2d=True)
+    return np.multiply(f.read(dtype="int16", always_2d=True), np.float32(1 / 32768), dtype=np.float32)
 
 
 def _reason(path: str | Path, error: Exception) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -192,15 +192,12 @@ def add_tagger_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile", type=float, default=2.0, help="tile length in seconds (tiles)")
     g.add_argument("--tile-hop", type=float, default=1.0, help="seconds between tiles (tiles)")
     g.add_argument("--backend", default="torch", help="torch, or onnx (after `soundtag export`)")
-    g.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (default: all cores)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="batches scored at once, each on one thread (default: all cores)")
 
 
 def load_tagger(args: argparse.Namespace):
-    import torch
-
     from .predict import TTA, Tagger
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean)
     return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads)
 
@@ -260,7 +257,8 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="file to write")
     p.add_argument("--format", default="csv", help="kaggle2018, kaggle2019, csv, json or tags (thresholded)")
     p.add_argument("--top-k", type=int, default=3, help="tags per file (csv, json)")
-    p.add_argument("--workers", type=int, default=None, help="processes computing features")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads computing features ahead of the networks (default: --threads)")
     add_tagger_options(p)
 
 
@@ -297,7 +295,7 @@ def tag(args: argparse.Namespace) -> int:
     from . import audio, outputs
     from .timeline import timeline
     tagger = load_tagger(args)
-    scores, errors = tagger.tag_files(args.files, workers=1, progress=False)
+    scores, errors = tagger.tag_files(args.files, progress=False)
     best = outputs.top_k(scores, tagger.classes, args.top_k)
     for i, (path, row) in enumerate(zip(args.files, best)):
         tags = errors.get(i) or ", ".join(f"{label} {score:.2f}" for label, score in row)

@@ -11,9 +11,13 @@ or geometric mean.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,11 +29,14 @@ from .features import FeatureConfig
 from .loader import ClipSet, eval_batches
 from .run import Run, RunError
 from .stack import Stacker
-from .store import compute_all, extract
+from .store import clip_features, extract
 
 MODES = ("full", "crops", "tiles")
+CHUNK = 128  # clips scored together while tagging files
 MEANS = ("arithmetic", "geometric")
 Network = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def activate(logits: np.ndarray, multilabel: bool) -> np.ndarray:
@@ -130,15 +137,44 @@ def torch_network(model: torch.nn.Module) -> Network:
     return run
 
 
-def onnx_network(path: Path, threads: int = 0) -> Network:
+def onnx_network(path: Path) -> Network:
+    """An ONNX Runtime session on one thread: the tagger runs batches side by
+    side instead, which uses small batches better than intra-op threads."""
     import onnxruntime as ort
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {"logmel": np.ascontiguousarray(x, np.float32)})[0]
     return run
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int = 0) -> Iterator[R]:
+    """`map(fn, items)` on `threads` threads, in order, with at most `ahead`
+    items (default: two a thread) in flight."""
+    if threads <= 1 and not ahead:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        running: deque[Future[R]] = deque()
+        for item in items:
+            running.append(pool.submit(fn, item))
+            if len(running) >= (ahead or 2 * threads):
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread per caller while tagging: clips and batches run side by side instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -153,14 +189,14 @@ class Member:
     weight: float = 1.0
 
 
-def load_member(folder: str | Path, backend: str = "torch", weight: float = 1.0, threads: int = 0) -> Member:
+def load_member(folder: str | Path, backend: str = "torch", weight: float = 1.0) -> Member:
     """A run folder as an ensemble member, on torch or on its exported ONNX files."""
     run = Run.open(folder)
     if backend == "onnx":
         files = sorted(Path(folder).glob("onnx/fold*.onnx"))
         if not files:
             raise RunError(f"{folder}: no ONNX export; run `soundtag export {folder} --format onnx` first")
-        networks = [onnx_network(f, threads) for f in files]
+        networks = [onnx_network(f) for f in files]
     elif backend == "torch":
         networks = [torch_network(m) for m in run.load_models()]
     else:
@@ -172,7 +208,7 @@ class Tagger:
     """Scores audio with an ensemble of runs; the Python face of `soundtag predict`."""
 
     def __init__(self, members: Sequence[Member], tta: TTA = TTA(), mean: str = "arithmetic",
-                 stacker: Callable[[list[np.ndarray]], np.ndarray] | None = None):
+                 stacker: Callable[[list[np.ndarray]], np.ndarray] | None = None, threads: int = 0):
         if not members:
             raise ConfigError("a tagger needs at least one run")
         first = members[0]
@@ -183,6 +219,7 @@ class Tagger:
         if mean not in MEANS:
             raise ConfigError(f"unknown mean {mean!r}; valid: {', '.join(MEANS)}")
         self.members, self.tta, self.mean, self.stacker = list(members), tta, mean, stacker
+        self.threads = threads or os.cpu_count() or 1  # batches (and clips' features) computed at once
         self.classes, self.multilabel = first.classes, first.multilabel
 
     @classmethod
@@ -191,12 +228,12 @@ class Tagger:
         """Runs (folders) as an ensemble; a single stack folder brings its runs and stacker."""
         if len(runs) == 1 and (Path(runs[0]) / "stack.json").is_file():
             stacker = Stacker(runs[0])
-            return cls([load_member(r, backend, 1.0, threads) for r in stacker.runs], tta, mean, stacker)
+            return cls([load_member(r, backend) for r in stacker.runs], tta, mean, stacker, threads)
         weights = list(weights) if weights else [1.0] * len(runs)
         if len(weights) != len(runs):
             raise ConfigError(f"{len(weights)} weights given for {len(runs)} runs")
         _check_weights(weights)
-        return cls([load_member(r, backend, w, threads) for r, w in zip(runs, weights)], tta, mean)
+        return cls([load_member(r, backend, w) for r, w in zip(runs, weights)], tta, mean, None, threads)
 
     def thresholds(self) -> np.ndarray:
         """Per-class thresholds: the mean of the runs' thresholds tuned out of fold."""
@@ -208,47 +245,70 @@ class Tagger:
 
     def score_clips(self, clips: Sequence[dict[FeatureConfig, np.ndarray]], progress: bool = False) -> np.ndarray:
         """Scores [clips, classes] from each clip's features under each config."""
-        per_run = [self._member_scores(m, [c[m.features] for c in clips], progress) for m in self.members]
+        with one_torch_thread():
+            per_run = [self._member_scores(m, [c[m.features] for c in clips], progress) for m in self.members]
         if self.stacker is not None:
             return self.stacker(per_run)
         return combine(np.stack(per_run), self.mean, np.array([m.weight for m in self.members]))
 
     def _member_scores(self, m: Member, specs: list[np.ndarray], progress: bool) -> np.ndarray:
         bar = tqdm(total=len(specs) * len(m.networks), unit="clip", desc="tagging", disable=not progress)
+        fps = m.features.sample_rate / m.features.hop_length
         per_net = []
         for net in m.networks:
-            out = np.zeros((len(specs), len(m.classes)), np.float32)
+            def score_batch(batch: tuple[np.ndarray, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+                return batch[0], activate(net(batch[1].numpy()), m.multilabel)
+
+            def score_views(clip: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+                views = self.tta.views(clip[1], fps)
+                return clip[0], combine(np.concatenate([activate(net(v), m.multilabel) for v in views]),
+                                        self.tta.mean)
+
             if self.tta.mode == "full":
                 lengths = np.array([s.shape[1] for s in specs])
-                for idx, x in eval_batches(specs.__getitem__, lengths, 32):
-                    out[idx] = activate(net(x.numpy()), m.multilabel)
-                    bar.update(len(idx))
+                scored = ordered_map(score_batch, eval_batches(specs.__getitem__, lengths, 32), self.threads)
             else:
-                fps = m.features.sample_rate / m.features.hop_length
-                for i, spec in enumerate(specs):
-                    views = self.tta.views(spec, fps)
-                    out[i] = combine(np.concatenate([activate(net(v), m.multilabel) for v in views]), self.tta.mean)
-                    bar.update()
+                scored = ordered_map(score_views, enumerate(specs), self.threads)
+            out = np.zeros((len(specs), len(m.classes)), np.float32)
+            for idx, scores in scored:
+                out[idx] = scores
+                bar.update(np.size(idx))
             per_net.append(out)
         bar.close()
         return combine(np.stack(per_net), self.mean)
 
     def tag_files(self, files: Sequence[str | Path], workers: int | None = None,
                   progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
-        """Scores [files, classes] (NaN rows for unreadable files) and {position: reason}."""
+        """Scores [files, classes] (NaN rows for unreadable files) and {position: reason}.
+
+        `workers` threads (default: the tagger's) decode files and compute their
+        features up to `CHUNK` clips ahead of the networks, which score the
+        clips already computed, `CHUNK` at a time."""
         files = [str(f) for f in files]
-        clips: list[dict[FeatureConfig, np.ndarray]] = [{} for _ in files]
-        errors: dict[int, str] = {}
-        for config in self.feature_configs:
-            for i, spec, error in compute_all(files, list(range(len(files))), config, "float32", workers):
-                if error:
-                    errors[i] = error
-                else:
-                    clips[i][config] = spec
-        ok = [i for i in range(len(files)) if i not in errors]
+        configs = self.feature_configs
         scores = np.full((len(files), len(self.classes)), np.nan, np.float32)
-        if ok:
-            scores[ok] = self.score_clips([clips[i] for i in ok], progress)
+        errors: dict[int, str] = {}
+        pending: list[tuple[int, dict[FeatureConfig, np.ndarray]]] = []
+        bar = tqdm(total=len(files), unit="file", desc="tagging", disable=not progress, dynamic_ncols=True)
+
+        def score_pending() -> None:
+            if pending:
+                scores[[i for i, _ in pending]] = self.score_clips([clip for _, clip in pending])
+                bar.update(len(pending))
+                pending.clear()
+
+        with one_torch_thread():
+            computed = ordered_map(lambda f: clip_features(f, configs), files, workers or self.threads, CHUNK)
+            for i, (specs, error) in enumerate(computed):
+                if specs is None:
+                    errors[i] = error
+                    bar.update()
+                    continue
+                pending.append((i, dict(zip(configs, specs))))
+                if len(pending) == CHUNK:
+                    score_pending()
+            score_pending()
+        bar.close()
         return scores, errors
 
     def tag_dataset(self, dataset: Dataset, cache_dir: str | Path | None = None,

@@ -192,8 +192,19 @@ def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype:
 
 def _compute_one(job: tuple[int, str, FeatureConfig, str]) -> tuple[int, np.ndarray | None, str]:
     i, path, config, dtype = job
+    specs, error = clip_features(path, [config], dtype)
+    return i, None if specs is None else specs[0], error
+
+
+def clip_features(path: str, configs: Sequence[FeatureConfig],
+                  dtype: str = "float32") -> tuple[list[np.ndarray] | None, str]:
+    """A clip's features under each config, decoding it once per sample rate and
+    trim; or None and the reason the clip is unreadable."""
+    waves: dict[tuple[int, float | None], np.ndarray] = {}
     try:
-        wave = audio.load(path, config.sample_rate, config.trim_db)
+        for c in configs:
+            if (c.sample_rate, c.trim_db) not in waves:
+                waves[c.sample_rate, c.trim_db] = audio.load(path, c.sample_rate, c.trim_db)
     except audio.AudioError as e:
-        return i, None, " ".join(e.reason.split())
-    return i, features.compute(wave, config).astype(dtype), ""
+        return None, " ".join(e.reason.split())
+    return [features.compute(waves[c.sample_rate, c.trim_db], c).astype(dtype) for c in configs], ""

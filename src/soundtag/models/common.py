@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -70,7 +71,9 @@ class GlobalPool(nn.Module):
         self.concat = concat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, F, T] -> [B, C] or [B, 2C]
-        x = x.mean(dim=2)
+        # the frequency mean as a pooling layer: ONNX Runtime runs it in its blocked
+        # layout, many times faster than ReduceMean (the mel axis is fixed in exports)
+        x = F.avg_pool2d(x, (int(x.shape[2]), 1)).squeeze(2)
         mean, peak = x.mean(dim=2), x.amax(dim=2)
         return torch.cat([mean, peak], dim=1) if self.concat else mean + peak
 
