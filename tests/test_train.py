@@ -214,7 +214,7 @@ def test_yaml_file_merges_over_the_preset_and_cli_options_over_the_file(tmp_path
     assert from_file.optim == dataclasses.replace(resolve("fast").optim, lr=0.01)
     assert from_file.model == ModelConfig("cnn6", {"width": 0.5, "dropout": 0.2})
     assert from_file.augment == [{"name": "gain", "p": 0.5}]
-    assert from_file.features.n_mels == 32 and from_file.features.hop_length == 512
+    assert from_file.features.n_mels == 32 and from_file.features.hop_length == 1024  # the preset's
     assert from_file.patience == 10 and from_file.train_folds == [0]  # untouched preset values
 
     args = cli.build_parser().parse_args(
