@@ -6,7 +6,8 @@ the median of three passes over the folder.
     python bench/predict.py [--corpus DIR] [--model mobilenetv2] [--width 1.0] [--out FILE]
 
 The network is a briefly trained run on the bundled demo set (speed does not depend
-on how well it is trained), exported to ONNX; the clips are the dev corpus's
+on how well it is trained) on the default front end (64 mels, hop 512: twice the
+frames of the fast preset's), exported to ONNX; the clips are the dev corpus's
 single-label training folder.
 """
 
@@ -35,7 +36,9 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 def trained_run(model: str, width: float, work: Path) -> Path:
     from soundtag import config, datasets, train
     from soundtag.export import export
-    overrides = {"epochs": 1, "model": {"name": model, "params": {"width": width}}}
+    from soundtag.features import FeatureConfig
+    overrides = {"epochs": 1, "model": {"name": model, "params": {"width": width}},
+                 "features": FeatureConfig().to_dict()}  # the default front end, not the fast preset's
     run = train.train(datasets.read(DEMO), config.resolve("fast", overrides=overrides), work / "run",
                       force=True, cache_dir=work / "cache", progress=False)
     export(run.folder)
@@ -44,7 +47,7 @@ def trained_run(model: str, width: float, work: Path) -> Path:
 
 @contextlib.contextmanager
 def cores(n: int) -> Iterator[None]:
-    """The process (all its threads) pinned to `n` cores, and the tagger told to use `n` threads."""
+    """The calling thread, and so every thread the tagger starts, pinned to `n` cores."""
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, sorted(before)[:n])
     try:

@@ -247,9 +247,12 @@ def test_tagging_in_chunks_on_two_threads_equals_scoring_all_at_once(run_a, held
     monkeypatch.setattr(predict, "CHUNK", 3)  # several chunks, one cut short by the unreadable file
     files = [*held_files[:4], bad_files(tmp_path)["text"], *held_files[4:9]]
     tagger = Tagger.load([run_a], threads=2)
-    threads = torch.get_num_threads()
-    scores, errors = tagger.tag_files(files, workers=2, progress=False)
-    assert torch.get_num_threads() == threads  # tagging runs torch on one thread, then gives the setting back
+    torch.set_num_threads(2)  # the module's tests run torch on one thread; see that tagging gives 2 back
+    try:
+        scores, errors = tagger.tag_files(files, workers=2, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert list(errors) == [4] and np.isnan(scores[4]).all()
     good = [f for i, f in enumerate(files) if i != 4]
     expected = Tagger.load([run_a], threads=1).score_clips([{cfg: spec_of(f, cfg)} for f in good])
@@ -279,6 +282,22 @@ def test_ordered_map_keeps_the_order_and_bounds_the_work_in_flight():
         assert square == x * x
         assert len(taken) <= y + 5  # never more than `ahead` items taken beyond those consumed
     assert 1 < state["most"] <= 3
+
+
+def test_torch_runs_on_one_thread_while_any_caller_tags_and_gets_its_setting_back_after_the_last():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = predict.one_torch_thread(), predict.one_torch_thread()
+        first.__enter__()
+        second.__enter__()
+        assert torch.get_num_threads() == 1
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # the second caller is still tagging
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ordered_map_passes_an_error_on():

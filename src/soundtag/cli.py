@@ -193,11 +193,16 @@ def add_tagger_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-hop", type=float, default=1.0, help="seconds between tiles (tiles)")
     g.add_argument("--backend", default="torch", help="torch, or onnx (after `soundtag export`)")
     g.add_argument("--threads", type=int, default=0,
-                   help="batches scored at once, each on one thread (default: all cores)")
+                   help="batches scored (and, by default, clips decoded) at once, each on one thread "
+                        "(default: all cores)")
 
 
 def load_tagger(args: argparse.Namespace):
+    import torch
+
     from .predict import TTA, Tagger
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also caps torch outside the tagger (timeline features)
     tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean)
     return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads)
 

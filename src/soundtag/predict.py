@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,29 +153,50 @@ def onnx_network(path: Path) -> Network:
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int = 0) -> Iterator[R]:
     """`map(fn, items)` on `threads` threads, in order, with at most `ahead`
-    items (default: two a thread) in flight."""
+    items (default: two a thread) in flight; work not started yet is dropped
+    when the consumer stops early or fails."""
     if threads <= 1 and not ahead:
         yield from map(fn, items)
         return
     with ThreadPoolExecutor(max(1, threads)) as pool:
         running: deque[Future[R]] = deque()
-        for item in items:
-            running.append(pool.submit(fn, item))
-            if len(running) >= (ahead or 2 * threads):
+        try:
+            for item in items:
+                running.append(pool.submit(fn, item))
+                if len(running) >= (ahead or 2 * threads):
+                    yield running.popleft().result()
+            while running:
                 yield running.popleft().result()
-        while running:
-            yield running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Torch on one thread per caller while tagging: clips and batches run side by side instead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _OneTorchThread:
+    """Torch on one thread while any caller is tagging (clips and batches run
+    side by side instead); the caller's setting comes back when the last one ends.
+    Counted, because torch's thread setting is global to the process."""
+
+    def __init__(self) -> None:
+        self.lock, self.users, self.saved = threading.Lock(), 0, 1
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.users == 0:
+                self.saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    torch.set_num_threads(self.saved)
+
+
+one_torch_thread = _OneTorchThread()
 
 
 @dataclass
@@ -219,7 +241,7 @@ class Tagger:
         if mean not in MEANS:
             raise ConfigError(f"unknown mean {mean!r}; valid: {', '.join(MEANS)}")
         self.members, self.tta, self.mean, self.stacker = list(members), tta, mean, stacker
-        self.threads = threads or os.cpu_count() or 1  # batches (and clips' features) computed at once
+        self.threads = threads or len(os.sched_getaffinity(0))  # batches (and clips' features) computed at once
         self.classes, self.multilabel = first.classes, first.multilabel
 
     @classmethod
@@ -256,10 +278,11 @@ class Tagger:
         fps = m.features.sample_rate / m.features.hop_length
         per_net = []
         for net in m.networks:
-            def score_batch(batch: tuple[np.ndarray, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+            def score_batch(batch: tuple[np.ndarray, torch.Tensor],
+                            net: Network = net) -> tuple[np.ndarray, np.ndarray]:
                 return batch[0], activate(net(batch[1].numpy()), m.multilabel)
 
-            def score_views(clip: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+            def score_views(clip: tuple[int, np.ndarray], net: Network = net) -> tuple[int, np.ndarray]:
                 views = self.tta.views(clip[1], fps)
                 return clip[0], combine(np.concatenate([activate(net(v), m.multilabel) for v in views]),
                                         self.tta.mean)
@@ -297,7 +320,7 @@ class Tagger:
                 bar.update(len(pending))
                 pending.clear()
 
-        with one_torch_thread():
+        with bar, one_torch_thread():
             computed = ordered_map(lambda f: clip_features(f, configs), files, workers or self.threads, CHUNK)
             for i, (specs, error) in enumerate(computed):
                 if specs is None:
@@ -308,7 +331,6 @@ class Tagger:
                 if len(pending) == CHUNK:
                     score_pending()
             score_pending()
-        bar.close()
         return scores, errors
 
     def tag_dataset(self, dataset: Dataset, cache_dir: str | Path | None = None,
