@@ -298,20 +298,22 @@ def _tag_options(p: argparse.ArgumentParser) -> None:
 def tag(args: argparse.Namespace) -> int:
     """Print each file's top tags; long recordings get a timeline (CSV, events, plot)."""
     from . import audio, outputs
-    from .timeline import timeline
     tagger = load_tagger(args)
     scores, errors = tagger.tag_files(args.files, progress=False)
     best = outputs.top_k(scores, tagger.classes, args.top_k)
+    thresholds = None
     for i, (path, row) in enumerate(zip(args.files, best)):
         tags = errors.get(i) or ", ".join(f"{label} {score:.2f}" for label, score in row)
         print(f"{path}: {tags}")
         if i in errors or audio.info(path).duration <= args.long:
             continue
+        from .timeline import timeline  # plotting libraries, only for long recordings
+        thresholds = _thresholds(tagger) if thresholds is None else thresholds
         line = timeline(tagger, path, args.window, args.hop)
         stem = args.out / path.stem
         stem.parent.mkdir(parents=True, exist_ok=True)
         line.table().to_csv(f"{stem}.timeline.csv", index=False, float_format="%.4f")
-        events = line.events(_thresholds(tagger))
+        events = line.events(thresholds)
         events.to_csv(f"{stem}.events.csv", index=False, float_format="%.3f")
         line.plot(f"{stem}.timeline.png")
         print(f"  timeline: {len(line.starts)} windows, {len(events)} events → {stem}.timeline.csv, "

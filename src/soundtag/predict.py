@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,8 +28,7 @@ from .errors import ConfigError
 from .features import FeatureConfig
 from .loader import ClipSet, eval_batches
 from .run import Run, RunError
-from .stack import Stacker
-from .store import clip_features, extract
+from .store import clip_features, extract, one_torch_thread
 
 MODES = ("full", "crops", "tiles")
 CHUNK = 128  # clips scored together while tagging files
@@ -172,43 +170,29 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: i
                 future.cancel()
 
 
-class _OneTorchThread:
-    """Torch on one thread while any caller is tagging (clips and batches run
-    side by side instead); the caller's setting comes back when the last one ends.
-    Counted, because torch's thread setting is global to the process."""
-
-    def __init__(self) -> None:
-        self.lock, self.users, self.saved = threading.Lock(), 0, 1
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self.lock:
-            if self.users == 0:
-                self.saved = torch.get_num_threads()
-                torch.set_num_threads(1)
-            self.users += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.users -= 1
-                if self.users == 0:
-                    torch.set_num_threads(self.saved)
-
-
-one_torch_thread = _OneTorchThread()
-
-
 @dataclass
 class Member:
-    """One run of an ensemble: its networks (one per fold) and what they need."""
+    """One run of an ensemble: the run and its networks (one per fold)."""
 
-    name: str
-    features: FeatureConfig
-    classes: list[str]
-    multilabel: bool
+    run: Run
     networks: list[Network]
     weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return str(self.run.folder)
+
+    @property
+    def features(self) -> FeatureConfig:
+        return self.run.config.features
+
+    @property
+    def classes(self) -> list[str]:
+        return self.run.classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.run.multilabel
 
 
 def load_member(folder: str | Path, backend: str = "torch", weight: float = 1.0) -> Member:
@@ -223,7 +207,7 @@ def load_member(folder: str | Path, backend: str = "torch", weight: float = 1.0)
         networks = [torch_network(m) for m in run.load_models()]
     else:
         raise ConfigError(f"unknown backend {backend!r}; valid: torch, onnx")
-    return Member(str(folder), run.config.features, run.classes, run.multilabel, networks, weight)
+    return Member(run, networks, weight)
 
 
 class Tagger:
@@ -249,6 +233,7 @@ class Tagger:
              tta: TTA = TTA(), mean: str = "arithmetic", threads: int = 0) -> Tagger:
         """Runs (folders) as an ensemble; a single stack folder brings its runs and stacker."""
         if len(runs) == 1 and (Path(runs[0]) / "stack.json").is_file():
+            from .stack import Stacker
             stacker = Stacker(runs[0])
             return cls([load_member(r, backend) for r in stacker.runs], tta, mean, stacker, threads)
         weights = list(weights) if weights else [1.0] * len(runs)
@@ -259,7 +244,7 @@ class Tagger:
 
     def thresholds(self) -> np.ndarray:
         """Per-class thresholds: the mean of the runs' thresholds tuned out of fold."""
-        return np.mean([Run.open(m.name).thresholds() for m in self.members], axis=0)
+        return np.mean([m.run.thresholds() for m in self.members], axis=0)
 
     @property
     def feature_configs(self) -> list[FeatureConfig]:
@@ -274,31 +259,32 @@ class Tagger:
         return combine(np.stack(per_run), self.mean, np.array([m.weight for m in self.members]))
 
     def _member_scores(self, m: Member, specs: list[np.ndarray], progress: bool) -> np.ndarray:
-        bar = tqdm(total=len(specs) * len(m.networks), unit="clip", desc="tagging", disable=not progress)
+        """Each clip's views are built once and scored by every network (fold) of the run."""
         fps = m.features.sample_rate / m.features.hop_length
-        per_net = []
-        for net in m.networks:
-            def score_batch(batch: tuple[np.ndarray, torch.Tensor],
-                            net: Network = net) -> tuple[np.ndarray, np.ndarray]:
-                return batch[0], activate(net(batch[1].numpy()), m.multilabel)
 
-            def score_views(clip: tuple[int, np.ndarray], net: Network = net) -> tuple[int, np.ndarray]:
-                views = self.tta.views(clip[1], fps)
-                return clip[0], combine(np.concatenate([activate(net(v), m.multilabel) for v in views]),
-                                        self.tta.mean)
+        def over_networks(scores_of: Callable[[Network], np.ndarray]) -> np.ndarray:
+            return combine(np.stack([scores_of(net) for net in m.networks]), self.mean)
 
-            if self.tta.mode == "full":
-                lengths = np.array([s.shape[1] for s in specs])
-                scored = ordered_map(score_batch, eval_batches(specs.__getitem__, lengths, 32), self.threads)
-            else:
-                scored = ordered_map(score_views, enumerate(specs), self.threads)
-            out = np.zeros((len(specs), len(m.classes)), np.float32)
+        def score_batch(batch: tuple[np.ndarray, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+            idx, x = batch[0], batch[1].numpy()
+            return idx, over_networks(lambda net: activate(net(x), m.multilabel))
+
+        def score_views(clip: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+            views = self.tta.views(clip[1], fps)
+            return clip[0], over_networks(lambda net: combine(
+                np.concatenate([activate(net(v), m.multilabel) for v in views]), self.tta.mean))
+
+        if self.tta.mode == "full":
+            lengths = np.array([s.shape[1] for s in specs])
+            scored = ordered_map(score_batch, eval_batches(specs.__getitem__, lengths, 32), self.threads)
+        else:
+            scored = ordered_map(score_views, enumerate(specs), self.threads)
+        out = np.zeros((len(specs), len(m.classes)), np.float32)
+        with tqdm(total=len(specs), unit="clip", desc="tagging", disable=not progress) as bar:
             for idx, scores in scored:
                 out[idx] = scores
                 bar.update(np.size(idx))
-            per_net.append(out)
-        bar.close()
-        return combine(np.stack(per_net), self.mean)
+        return out
 
     def tag_files(self, files: Sequence[str | Path], workers: int | None = None,
                   progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:

@@ -16,6 +16,7 @@ from sklearn.model_selection import KFold
 
 from . import metrics
 from .errors import SoundtagError
+from .predict import activate
 from .run import Run, RunError
 
 
@@ -70,8 +71,7 @@ def _fit(x: np.ndarray, y: np.ndarray, multilabel: bool, hidden: int, epochs: in
 
 def _predict(net: StackNet, x: np.ndarray, multilabel: bool) -> np.ndarray:
     with torch.inference_mode():
-        logits = net(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
-    return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy()
+        return activate(net(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy(), multilabel)
 
 
 def fit_stack(runs: list[str | Path], out: str | Path, hidden: int = 256, epochs: int = 300,

@@ -13,10 +13,12 @@ modification times). Inside it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,18 +174,41 @@ def _write_index(folder: Path, files: list[str], config: FeatureConfig, dtype: s
     tmp.replace(folder / "index.json")
 
 
+class _OneTorchThread:
+    """Torch on one thread while any caller needs it so (clips and batches run
+    side by side instead); the caller's setting comes back when the last one
+    ends. Counted, because torch's thread setting is global to the process."""
+
+    def __init__(self) -> None:
+        self.lock, self.users, self.saved = threading.Lock(), 0, 1
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.users == 0:
+                self.saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    torch.set_num_threads(self.saved)
+
+
+one_torch_thread = _OneTorchThread()
+
+
 def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype: str,
                  workers: int | None) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """(position, features or None, error) for each clip in `todo`, in order."""
     jobs = [(i, files[i], config, dtype) for i in todo]
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
     if workers <= 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one clip's STFT gains nothing from more, and suffers on a busy machine
-        try:
+        with one_torch_thread():  # one clip's STFT gains nothing from more, and suffers on a busy machine
             yield from map(_compute_one, jobs)
-        finally:
-            torch.set_num_threads(threads)
         return
     ctx = multiprocessing.get_context("fork")  # starts in milliseconds; workers run torch on one thread
     with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -12,10 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from . import audio, features  # noqa: E402
+from .audio import AudioError  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .plots import save  # noqa: E402
 from .predict import Tagger, tile_starts  # noqa: E402
+from .store import clip_features  # noqa: E402
 
 
 @dataclass
@@ -61,9 +62,12 @@ def timeline(tagger: Tagger, path: str | Path, window: float = 2.0, hop: float =
     the last window flush with the end; times are those of whole frames."""
     if window <= 0 or hop <= 0:
         raise ConfigError("window and hop must be positive")
+    configs = tagger.feature_configs
+    whole, error = clip_features(str(path), [replace(c, trim_db=None) for c in configs])
+    if whole is None:
+        raise AudioError(path, error)
     specs, starts, length = {}, None, window
-    for config in tagger.feature_configs:
-        spec = features.compute(audio.load(path, config.sample_rate, trim_db=None), config)
+    for config, spec in zip(configs, whole):
         fps = config.sample_rate / config.hop_length
         size = max(8, round(window * fps))
         first = tile_starts(spec.shape[1], size, max(1, round(hop * fps)))
