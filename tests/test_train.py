@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from helpers import error_line
 from soundtag import cli, datasets, models
+from soundtag import store as store_module
 from soundtag import train as training
 from soundtag.config import CropConfig, ModelConfig, OptimConfig, TrainConfig, merge, presets, resolve
 from soundtag.errors import ConfigError, DataError
@@ -686,6 +687,23 @@ def test_resume_does_not_repeat_metrics_rows(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         training.train(datasets.read(tiny), tiny_config(), out, progress=False)
     monkeypatch.undo()
+    training.resume(out, progress=False)
+    assert list(pd.read_csv(out / "fold0" / "metrics.csv").epoch) == [1, 2, 3]
+
+
+def test_resume_with_an_unreadable_clip_reads_the_same_feature_cache(tiny, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    (data / "audio_train" / "broken.ogg").write_text("not audio")
+    with open(data / "train.csv", "a") as table:
+        table.write("broken.ogg,Cello,1\n")
+    out = tmp_path / "run"
+    interrupt_at_epoch_call(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(datasets.read(data), tiny_config(), out, progress=False)
+    monkeypatch.undo()
+    assert "broken.ogg" not in set(Run.open(out).read_folds().fname)
+    monkeypatch.setattr(store_module, "compute_all", pytest.fail)  # nothing may be extracted again
     training.resume(out, progress=False)
     assert list(pd.read_csv(out / "fold0" / "metrics.csv").epoch) == [1, 2, 3]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ def save(stem: str | Path, state: Any) -> None:
     stem = Path(stem)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(state, tensors, "s")
-    _atomic(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
-    _atomic(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(skeleton)))
+    atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
+    atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(skeleton)))
 
 
 def load(stem: str | Path) -> Any:
@@ -33,7 +34,8 @@ def exists(stem: str | Path) -> bool:
     return stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists()
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """`write(temporary path)`, then move the file into place in one step."""
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, path)

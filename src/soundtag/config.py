@@ -11,16 +11,18 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import ConfigError
 from .features import FeatureConfig
 
+if TYPE_CHECKING:
+    import torch
+
 OPTIMIZERS = ("adamw", "sgd", "radam")
 SCHEDULES = ("onecycle", "cosine", "constant")
-PAD_MODES = ("wrap", "constant")
 
 
 @dataclass
@@ -74,10 +76,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Fail with the valid choices on anything unknown, before training starts."""
-        from . import augment, models
+        from . import augment
         _choice("optimiser", self.optim.name, OPTIMIZERS)
         _choice("schedule", self.optim.schedule, SCHEDULES)
-        _choice("pad mode", self.crop.pad_mode, PAD_MODES)
+        _choice("pad mode", self.crop.pad_mode, augment.PAD_MODES)
         _choice("noisy", self.noisy, ("include", "exclude"))
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":
             raise ConfigError(f"folds must be a whole number ≥ 2 or 'own', not {self.folds!r}")
@@ -90,9 +92,15 @@ class TrainConfig:
             raise ConfigError("epochs and batch_size must be at least 1")
         try:
             augment.build(self.augment)
-            models.create_model(self.model.name, 2, n_mels=self.features.n_features, **self.model.params)
+            self.create_model(2)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def create_model(self, num_classes: int) -> torch.nn.Module:
+        """The configured network for `num_classes` classes, freshly initialised."""
+        from . import models
+        return models.create_model(self.model.name, num_classes, n_mels=self.features.n_features,
+                                   **self.model.params)
 
     def num_threads(self) -> int:
         return self.threads or min(os.cpu_count() or 1, 2)

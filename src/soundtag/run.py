@@ -25,7 +25,8 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__, models
+from . import __version__
+from .checkpoint import atomic_write
 from .config import TrainConfig
 from .errors import SoundtagError
 
@@ -80,16 +81,13 @@ class Run:
         """Folds with saved weights."""
         return sorted(int(p.parent.name[4:]) for p in self.folder.glob("fold*/model.safetensors"))
 
-    def new_model(self, num_classes: int | None = None) -> torch.nn.Module:
-        c = self.config
-        return models.create_model(c.model.name, num_classes or len(self.classes),
-                                   n_mels=c.features.n_features, **c.model.params)
+    def new_model(self) -> torch.nn.Module:
+        return self.config.create_model(len(self.classes))
 
     def save_weights(self, k: int, model: torch.nn.Module) -> None:
         self.fold_dir(k).mkdir(exist_ok=True)
-        tmp = self.fold_dir(k) / "model.safetensors.tmp"
-        save_file({n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}, str(tmp))
-        tmp.replace(self.fold_dir(k) / "model.safetensors")
+        tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+        atomic_write(self.fold_dir(k) / "model.safetensors", lambda p: save_file(tensors, p))
 
     def load_model(self, k: int) -> torch.nn.Module:
         """Fold k's best network, in eval mode; checks the weights fit the class list."""

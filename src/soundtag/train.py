@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from . import augment, checkpoint, datasets, metrics, models, plots
+from . import augment, checkpoint, datasets, metrics, plots
 from .config import TrainConfig
 from .datasets import Dataset
 from .distributed import Context, setup
@@ -41,13 +41,10 @@ def train(dataset: Dataset, config: TrainConfig, out: str | Path, *, force: bool
     """Train every fold the config asks for on the dataset's training split."""
     config.validate()
     ctx = setup()
-    data = dataset.subset("train")
-    if config.noisy == "exclude":
-        data = data.select(~data.noisy)
+    data = _training_clips(dataset, config)
     if init:  # fail early on a run that does not fit
-        _load_init(models.create_model(config.model.name, len(data.classes), n_mels=config.features.n_features,
-                                       **config.model.params), Path(init), 0, data.classes)
-    store, data = _features(data, config, cache_dir, ctx, progress)
+        _load_init(config.create_model(len(data.classes)), Path(init), 0, data.classes)
+    store, data, rows = _features(data, config, cache_dir, ctx, progress)
     folds = assign_folds(data, config.folds, config.seed)
     _folds_to_train(config, folds)
     if ctx.main:
@@ -55,7 +52,7 @@ def train(dataset: Dataset, config: TrainConfig, out: str | Path, *, force: bool
                          init=str(Path(init).resolve()) if init else None)
         run.write_folds(data.names, folds)
     ctx.barrier()
-    return _train_run(Run.open(out), data, store, folds, ctx, progress)
+    return _train_run(Run.open(out), data, store, rows, folds, ctx, progress)
 
 
 def resume(folder: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> Run:
@@ -64,22 +61,27 @@ def resume(folder: str | Path, cache_dir: str | Path | None = None, progress: bo
     ctx = setup()
     source = run.data
     dataset = datasets.read(source["path"], source["layout"], **source.get("options", {}))
-    data = dataset.subset("train")
+    # the clip list training started from, so that the feature cache is the same one
+    store, data, rows = _features(_training_clips(dataset, run.config), run.config, cache_dir, ctx, progress)
     saved = run.read_folds()
     position = {n: i for i, n in enumerate(data.names)}
     missing = [n for n in saved.fname if n not in position]
     if missing:
         raise RunError(f"{folder}: {len(missing)} training clip(s) of the run are gone from "
-                       f"{source['path']} (first: {missing[0]})")
-    data = data.select([position[n] for n in saved.fname])
-    store, kept = _features(data, run.config, cache_dir, ctx, progress)
-    folds = saved.fold.to_numpy()[np.isin(data.names, kept.names)]
-    return _train_run(run, kept, store, folds, ctx, progress)
+                       f"{source['path']} or no longer readable (first: {missing[0]})")
+    keep = [position[n] for n in saved.fname]
+    return _train_run(run, data.select(keep), store, rows[keep], saved.fold.to_numpy(), ctx, progress)
+
+
+def _training_clips(dataset: Dataset, config: TrainConfig) -> Dataset:
+    data = dataset.subset("train")
+    return data.select(~data.noisy) if config.noisy == "exclude" else data
 
 
 def _features(data: Dataset, config: TrainConfig, cache_dir, ctx: Context,
-              progress: bool) -> tuple[FeatureStore, Dataset]:
-    """The cached features (computed by the main process) and the clips that have them."""
+              progress: bool) -> tuple[FeatureStore, Dataset, np.ndarray]:
+    """The cached features (computed by the main process), the clips that have
+    them, and their rows in the cache."""
     store = extract(data.files, config.features, cache_dir, progress=progress) if ctx.main else None
     ctx.barrier()
     if store is None:  # other ranks open what the main process wrote
@@ -87,7 +89,7 @@ def _features(data: Dataset, config: TrainConfig, cache_dir, ctx: Context,
     if store.errors and ctx.main:
         log.warning(f"{len(store.errors)} unreadable clip(s) skipped, e.g. "
                     f"{next(iter(store.failures().items()))}")
-    return store, data.select(store.ok)
+    return store, data.select(store.ok), np.flatnonzero(store.ok)
 
 
 def _folds_to_train(config: TrainConfig, folds: np.ndarray) -> list[int]:
@@ -98,11 +100,10 @@ def _folds_to_train(config: TrainConfig, folds: np.ndarray) -> list[int]:
     return wanted
 
 
-def _train_run(run: Run, data: Dataset, store: FeatureStore, folds: np.ndarray, ctx: Context,
-               progress: bool) -> Run:
+def _train_run(run: Run, data: Dataset, store: FeatureStore, rows: np.ndarray, folds: np.ndarray,
+               ctx: Context, progress: bool) -> Run:
     config = run.config
     torch.set_num_threads(config.num_threads())
-    rows = np.flatnonzero(store.ok)
     weights = np.where(data.noisy, config.noisy_weight, 1.0).astype(np.float32)
     for k in _folds_to_train(config, folds):
         val = folds == k
@@ -147,7 +148,7 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
         torch.manual_seed(int(rng.integers(2**62)) + ctx.rank)
         desc = f"fold {k} epoch {epoch + 1}/{config.epochs}"
         train_loss, rate = _train_epoch(net, train_set, config, run.multilabel, transforms, optimizer,
-                                        schedule, rng, gen, ctx, memory, desc, progress)
+                                        schedule, steps, rng, gen, ctx, memory, desc, progress)
         ctx.sync_buffers(model)
         logits = clip_logits(model, val_set, config.batch_size, config.bf16, ctx.device, memory)
         val_loss = _loss(torch.from_numpy(logits), torch.from_numpy(val_set.targets), None,
@@ -175,11 +176,10 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
 
 
 def _train_epoch(net, clips: ClipSet, config: TrainConfig, multilabel: bool, transforms, optimizer,
-                 schedule, rng: np.random.Generator, gen: torch.Generator, ctx: Context, memory,
+                 schedule, steps: int, rng: np.random.Generator, gen: torch.Generator, ctx: Context, memory,
                  desc: str, progress: bool) -> tuple[float, float]:
-    """One pass over the training clips; returns the mean loss and clips/s."""
+    """One pass (`steps` batches) over the training clips; returns the mean loss and clips/s."""
     net.train()
-    steps = steps_per_epoch(epoch_size(clips, config.epoch_clips), config.batch_size, ctx.world)
     bar = tqdm(total=steps * config.batch_size, unit="clip", desc=desc, leave=False,
                disable=not (progress and ctx.main), dynamic_ncols=True)
     total, start = 0.0, time.perf_counter()
@@ -194,9 +194,10 @@ def _train_epoch(net, clips: ClipSet, config: TrainConfig, multilabel: bool, tra
         loss.backward()
         optimizer.step()
         schedule.step()
-        total += loss.item()
+        value = loss.item()
+        total += value
         bar.update(len(x))
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
     bar.close()
     return total / steps, steps * config.batch_size * ctx.world / (time.perf_counter() - start)
 
@@ -249,13 +250,14 @@ def _load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str])
     weights = load_file(str(source.fold_dir(k if k in trained else trained[0]) / "model.safetensors"))
     if source.classes != classes:
         weights = {n: t for n, t in weights.items() if not n.startswith("head.")}
+    mismatch = RunError(f"--init {folder}: its model ({source.config.model.name} "
+                        f"{source.config.model.params}) does not match this config's")
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError:  # same names, other shapes
-        missing, unexpected = [""], []
+        raise mismatch from None
     if unexpected or any(not n.startswith("head.") for n in missing):
-        raise RunError(f"--init {folder}: its model ({source.config.model.name} "
-                       f"{source.config.model.params}) does not match this config's")
+        raise mismatch
 
 
 def _summarise(run: Run, data: Dataset, folds: np.ndarray) -> None:
