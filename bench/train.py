@@ -22,9 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import dev_corpus_path  # noqa: E402
+from corpus import dev_corpus_path  # this folder is on the path when a benchmark runs
 
 MODELS = {"cnn6@0.5 (fast)": ("cnn6", {"width": 0.5, "dropout": 0.2}), "cnn6": ("cnn6", {}), "cnn10": ("cnn10", {}),
           "vgg": ("vgg", {}), "mobilenetv2": ("mobilenetv2", {}), "resnet": ("resnet", {})}

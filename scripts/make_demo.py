@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the small bundled demo set (data/demo) from the soundtag DEV corpus.
 
-The corpus is made by `python3 /work/shared/corpus/build_dev.py OUT`. This script
+The corpus is made by `python3 ../shared/corpus/build_dev.py OUT`. This script
 keeps the corpus's own train/test splits, picks a few clips per class at random
 (seeded) among those of at most MAX_SECONDS, and re-encodes them as OGG Vorbis,
 44.1 kHz mono. Counts and MAX_SECONDS keep data/demo under 10 MB (`du -sh`).
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import random
-import io
 import shutil
 import struct
 from collections.abc import Callable
@@ -173,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.corpus / "train.csv").is_file():
         parser.error(f"{args.corpus}: no DEV corpus here; build one with "
-                     "python3 /work/shared/corpus/build_dev.py DIR")
+                     "python3 ../shared/corpus/build_dev.py DIR")
     args.out.mkdir(parents=True, exist_ok=True)
     clear(args.out)
     make_single(args.corpus, args.out, random.Random(args.seed))

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import confusion_matrix  # noqa: E402
 
 if TYPE_CHECKING:
     from .run import Run
@@ -53,6 +52,7 @@ def per_class_bars(values: dict[str, float], label: str, path: Path) -> Path:
 
 def confusion(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
     """Confusion matrix of single-label predictions, rows normalised."""
+    from sklearn.metrics import confusion_matrix  # scikit-learn only for this figure
     matrix = confusion_matrix(truth, predicted, labels=range(len(classes))).astype(float)
     matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
     size = 0.3 * len(classes) + 3

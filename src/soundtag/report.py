@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from . import audio  # noqa: E402
-from .plots import save  # noqa: E402
 from .datasets import Dataset  # noqa: E402
+from .plots import save  # noqa: E402
 
 FORMATS = ("md", "html")
 

@@ -38,6 +38,8 @@ def read(path: str | Path, layout: str | None = None, **options) -> Dataset:
     if layout not in READERS:
         raise DataError(f"unknown layout {layout!r}; valid layouts: {', '.join(READERS)}")
     options = {k: v for k, v in options.items() if v is not None}
+    if "audio_dir" in options:  # kept absolute in the run, so a resume from elsewhere finds it
+        options["audio_dir"] = Path(options["audio_dir"]).expanduser().resolve()
     if options and layout != "csv":
         raise DataError(f"options {', '.join(options)} apply to the csv layout only, not {layout}")
     dataset = READERS[layout].read(path, **options)
