@@ -160,6 +160,8 @@ def test_column_mapping_options(real_clips, tmp_path):
     assert data.split.tolist() == ["train", "test", "train"] and data.fold.tolist() == [1, 2, 1]
     assert data.labels(0) == ["bark", "dog"]
 
+    assert data.source["options"]["audio_dir"] == str(tmp_path / "sounds")  # absolute: a resume may run elsewhere
+
     message = read_error(table, file_column="path", audio_dir=tmp_path / "sounds")
     assert "clips.csv" in message and "missing column(s) path" in message
     message = read_error(table, audio_dir=tmp_path / "sounds")
@@ -201,22 +203,25 @@ def test_folder_test_class_without_training_folder_is_an_error(real_clips, tmp_p
 # ---------------------------------------------------------------- broken label files
 
 
-def test_missing_column_names_column_and_file(tmp_path):
-    root = kaggle2018(tmp_path, "fname,manually_verified\na.wav,1\n")
+@pytest.mark.parametrize("train, test, expected", [
+    pytest.param("fname,manually_verified\na.wav,1\n", None, ["{csv}", "missing column(s) label"],
+                 id="missing column"),
+    pytest.param("fname,label\na.wav,Cello\nb.wav,Flute\na.wav,Oboe\n", None,
+                 ["train.csv line 4: duplicate fname 'a.wav' (first on line 2)"], id="duplicate file"),
+    pytest.param("fname,label\na.wav,Cello\nb.wav,Flute\n", "fname,label\nt1.wav,Cello\nt2.wav,Kazoo\n",
+                 ["test.csv line 3: label 'Kazoo' is not one of the 2 classes"], id="test label outside vocabulary"),
+    pytest.param("fname,label,manually_verified\na.wav,Cello,1\nb.wav,Flute,1,extra\n", None,
+                 ["train.csv line 3: 4 fields, the header has 3"], id="wrong field count"),
+    pytest.param("", None, ["{csv}: empty file, expected a header line"], id="empty"),
+    pytest.param("fname,label\na.wav,Cello\nb.wav,\n", None, ["train.csv line 3: no label"], id="missing label"),
+    pytest.param("fname,label,manually_verified\n", None, ["{csv}: no rows after the header line"],
+                 id="header only"),
+])
+def test_broken_label_files_name_the_file_and_line(tmp_path, train, test, expected):
+    root = kaggle2018(tmp_path, train, test)
     message = read_error(root)
-    assert str(root / "train.csv") in message and "missing column(s) label" in message
-
-
-def test_duplicate_file_names_both_lines(tmp_path):
-    root = kaggle2018(tmp_path, "fname,label\na.wav,Cello\nb.wav,Flute\na.wav,Oboe\n")
-    assert "train.csv line 4: duplicate fname 'a.wav' (first on line 2)" in read_error(root)
-
-
-def test_test_label_outside_vocabulary_names_the_line(tmp_path):
-    root = kaggle2018(tmp_path, "fname,label\na.wav,Cello\nb.wav,Flute\n",
-                      "fname,label\nt1.wav,Cello\nt2.wav,Kazoo\n")
-    message = read_error(root)
-    assert "test.csv line 3: label 'Kazoo' is not one of the 2 classes" in message
+    for part in expected:
+        assert part.format(csv=root / "train.csv") in message
 
 
 def test_byte_order_mark_warns_and_still_reads(tmp_path):
@@ -233,23 +238,3 @@ def test_stray_whitespace_warns_with_line_and_is_stripped(tmp_path):
     data = datasets.read(root)
     assert data.names == ["a.wav", "b.wav"] and data.classes == ["Cello", "Flute"]
     assert any("train.csv line 3: stray whitespace around 'Flute'" in w for w in data.warnings)
-
-
-def test_wrong_field_count_names_the_line(tmp_path):
-    root = kaggle2018(tmp_path, "fname,label,manually_verified\na.wav,Cello,1\nb.wav,Flute,1,extra\n")
-    assert "train.csv line 3: 4 fields, the header has 3" in read_error(root)
-
-
-def test_empty_csv_is_an_error(tmp_path):
-    root = kaggle2018(tmp_path, "")
-    assert f"{root / 'train.csv'}: empty file, expected a header line" in read_error(root)
-
-
-def test_missing_label_names_the_line(tmp_path):
-    root = kaggle2018(tmp_path, "fname,label\na.wav,Cello\nb.wav,\n")
-    assert "train.csv line 3: no label" in read_error(root)
-
-
-def test_header_only_csv_is_an_error(tmp_path):
-    root = kaggle2018(tmp_path, "fname,label,manually_verified\n")
-    assert f"{root / 'train.csv'}: no rows after the header line" in read_error(root)

@@ -16,10 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import DEMO
 from soundtag import __version__, checkpoint, datasets
 from soundtag.run import Run
 
-DEMO = Path(__file__).parents[1] / "data" / "demo"
 CLASSES = ["Acoustic_guitar", "Applause", "Bass_drum", "Cello"]
 CONFIG = {"model": {"name": "cnn6", "params": {"width": 0.125}}, "epochs": 2, "batch_size": 8, "threads": 1}
 TIMEOUT = 180

@@ -81,19 +81,13 @@ def test_front_end_is_shared_per_config():
     ({"hop_length": 0}, "must be positive"),
     ({"n_mels": -1}, "must be positive"),
     ({"kind": "mfcc", "n_mfcc": 80, "n_mels": 64}, "n_mfcc must be between 1 and n_mels (64)"),
+    ({"win_length": -5}, None), ({"fmin": 5000.0, "fmax": 1000.0}, None), ({"fmax": 30000.0}, None),
+    ({"top_db": -10.0}, None),
 ])
 def test_invalid_configs_are_rejected_with_a_reason(options, message):
     with pytest.raises(ConfigError) as caught:
         FeatureConfig(**options)
-    assert message in str(caught.value)
-
-
-@pytest.mark.parametrize("options", [
-    {"win_length": -5}, {"fmin": 5000.0, "fmax": 1000.0}, {"fmax": 30000.0}, {"top_db": -10.0},
-], ids=["negative-win_length", "fmin-above-fmax", "fmax-above-nyquist", "negative-top_db"])
-def test_nonsense_configs_are_rejected(options):
-    with pytest.raises(ConfigError):
-        FeatureConfig(**options)
+    assert message is None or message in str(caught.value)
 
 
 def test_key_is_stable_and_survives_a_json_round_trip():

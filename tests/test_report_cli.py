@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import error_line
+from helpers import PNG_MAGIC, error_line
 from soundtag.cli import COMMANDS, main
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BROKEN = "broken.wav"
 
 

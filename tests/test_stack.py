@@ -8,25 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soundtag import cli, config, datasets, train
+from helpers import DEMO, train_tiny
+
+from soundtag import cli
 from soundtag.errors import SoundtagError
 from soundtag.predict import Tagger
 from soundtag.run import RunError
 from soundtag.stack import Stacker, fit_stack, oof_table
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> list[Path]:
-    data = datasets.read(DEMO)
     out = tmp_path_factory.mktemp("stack")
-    runs = []
-    for name in ("cnn6", "mobilenetv2"):
-        overrides = {"epochs": 2, "batch_size": 16, "model": {"name": name, "params": {"width": 0.25}}}
-        runs.append(train.train(data, config.resolve("fast", overrides=overrides), out / name,
-                                progress=False).folder)
-    return runs
+    return [train_tiny(out / name, epochs=2, model={"name": name, "params": {"width": 0.25}}).folder
+            for name in ("cnn6", "mobilenetv2")]
 
 
 def test_oof_table_aligns_runs(two_runs):
