@@ -56,16 +56,16 @@ def crop_or_pad(
         raise ValueError(f"unknown pad_mode {pad_mode!r}; valid modes: {list(PAD_MODES)}")
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
-    spec = np.asarray(spec)  # cast to float32 after cropping: a cached clip may be long
+    spec = np.asarray(spec, dtype=np.float32)
     frames = spec.shape[-1]
     if frames == 0:
         raise ValueError("cannot crop or pad an empty clip")
     if frames >= length:
         start = int(rng.integers(frames - length + 1)) if random_offset else (frames - length) // 2
-        return spec[..., start : start + length].astype(np.float32)
+        return spec[..., start : start + length].copy()
     offset = int(rng.integers(length - frames + 1)) if random_offset else 0
     if pad_mode == "wrap":
-        return spec[..., (np.arange(length) - offset) % frames].astype(np.float32, copy=False)
+        return spec[..., (np.arange(length) - offset) % frames]
     out = np.full(spec.shape[:-1] + (length,), spec.min(), dtype=np.float32)
     out[..., offset : offset + frames] = spec
     return out
