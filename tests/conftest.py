@@ -1,9 +1,8 @@
-"""Shared fixtures: the real-audio dev corpus, a few of its clips, and a private cache."""
+"""Shared fixtures: the real-audio dev corpus, a few real clips, and a private cache."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,8 +12,8 @@ from pathlib import Path
 import pytest
 
 BUILDER = Path(__file__).parents[1].parent / "shared" / "corpus" / "build_dev.py"
-# A few 2018-layout training clips of different classes and lengths.
-CLIP_NAMES = ("d000000.wav", "d000001.wav", "d000002.wav", "d000003.wav", "d000004.wav", "d000005.wav")
+# A few demo training clips, tonal and noisy, of 0.3 to 2.2 s.
+CLIP_NAMES = ("d000000.ogg", "d000004.ogg", "d000013.ogg", "d000029.ogg", "d000091.ogg", "d000108.ogg")
 
 
 def _is_corpus(path: Path) -> bool:
@@ -46,11 +45,15 @@ def dev_corpus() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_clips(dev_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding copies of a few real clips (read-only by convention)."""
+def real_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of a few real clips, the demo's decoded into 16-bit WAVs (read-only by convention)."""
+    import soundfile as sf
+    from helpers import DEMO
+
     folder = tmp_path_factory.mktemp("real-clips")
     for name in CLIP_NAMES:
-        shutil.copy(dev_corpus / "audio_train" / name, folder / name)
+        wave, rate = sf.read(DEMO / "audio_train" / name, dtype="float32")
+        sf.write(folder / f"{Path(name).stem}.wav", wave, rate, subtype="PCM_16")
     return folder
 
 

@@ -19,7 +19,7 @@ PCM16_STEP = 2.0 ** -15
 
 
 def read(path: Path) -> np.ndarray:
-    """The clip as written in the corpus: mono float32 at 44.1 kHz."""
+    """The clip as written: mono float32 at 44.1 kHz."""
     x, rate = sf.read(path, dtype="float32")
     assert rate == RATE and x.ndim == 1
     return x
@@ -63,7 +63,7 @@ def test_ogg_vorbis_keeps_content_within_codec_tolerance(real_clips, tmp_path):
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
 def test_sample_formats_decode_to_the_same_float32(real_clips, tmp_path, subtype):
-    """The corpus is 16-bit, so every wider format holds it exactly."""
+    """The clips are 16-bit, so every wider format holds them exactly."""
     x = read(clips(real_clips)[1])
     path = tmp_path / f"{subtype}.wav"
     sf.write(path, x, RATE, subtype=subtype)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soundtag.augment import AUGMENTATIONS, Compose, build, crop_length, crop_or_pad
+from soundtag.augment import AUGMENTATIONS, Augmentation, Compose, build, crop_length, crop_or_pad
+from soundtag.errors import ConfigError
 
 BATCH, N_MELS, FRAMES, N_CLASSES = 8, 16, 40, 5
 
@@ -32,7 +33,7 @@ def runs(mask: torch.Tensor) -> int:
 # ---------------------------------------------------------------- common behaviour
 
 
-@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_shape_dtype_preserved_and_inputs_untouched(name, dtype):
     x, y = batch(dtype)
@@ -44,14 +45,14 @@ def test_shape_dtype_preserved_and_inputs_untouched(name, dtype):
     assert torch.isfinite(xo.float()).all() and torch.isfinite(yo).all()
 
 
-@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
 def test_p_zero_is_identity(name):
     x, y = batch()
     xo, yo = one(name, p=0.0)(x, y, gen())
     assert torch.equal(xo, x) and torch.equal(yo, y)
 
 
-@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
 def test_reproducible_with_seed_and_changes_with_p_one(name):
     x, y = batch()
     aug = one(name)
@@ -81,9 +82,22 @@ def test_compose_applies_in_order():
 
 
 def test_build_rejects_unknown_name_listing_valid_names():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         build([{"name": "reverb", "p": 0.5}])
-    assert str(sorted(AUGMENTATIONS)) in str(err.value)
+    assert str(err.value) == f"unknown augmentation 'reverb'; valid augmentations: {', '.join(AUGMENTATIONS.names())}"
+
+
+def test_a_newly_registered_augmentation_is_built_by_name(monkeypatch):
+    monkeypatch.setattr(AUGMENTATIONS, "_entries", {name: AUGMENTATIONS.get(name) for name in AUGMENTATIONS})
+
+    @AUGMENTATIONS.register("negate")
+    class Negate(Augmentation):
+        def _apply(self, x, y, gen):
+            return -x, y
+
+    (negate,) = build([{"name": "negate", "p": 1.0}]).transforms
+    x, y = batch()
+    assert isinstance(negate, Negate) and torch.equal(negate(x, y, gen())[0], -x)
 
 
 def test_build_rejects_unknown_parameter_naming_accepted():

@@ -1,17 +1,19 @@
-"""Dataset readers on the dev corpus, on ESC-50 / UrbanSound8K / folder layouts built from real
-clips, and on broken label files."""
+"""Dataset readers on the bundled demo set, on ESC-50 / UrbanSound8K / folder layouts built from
+real clips, and on broken label files."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import DEMO, MULTI
 from soundtag import datasets
-from soundtag.errors import DataError
+from soundtag.errors import ConfigError, DataError
 
 N_CLASSES = 23
 
@@ -45,13 +47,17 @@ def read_error(path: Path, **options) -> str:
     return str(caught.value)
 
 
-# ---------------------------------------------------------------- the dev corpus
+def table_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "soundtag" and r.levelno == logging.WARNING]
 
 
-def test_dev_corpus_2018_layout(dev_corpus):
-    train, test = csv_rows(dev_corpus / "train.csv"), csv_rows(dev_corpus / "test.csv")
-    data = datasets.read(dev_corpus)
-    assert data.layout == "kaggle2018" and not data.multilabel and data.warnings == []
+# ---------------------------------------------------------------- the demo set
+
+
+def test_demo_2018_layout(caplog):
+    train, test = csv_rows(DEMO / "train.csv"), csv_rows(DEMO / "test.csv")
+    data = datasets.read(DEMO)
+    assert data.layout == "kaggle2018" and not data.multilabel and table_warnings(caplog) == []
     assert len(data.classes) == N_CLASSES and data.classes == sorted(data.classes)
     assert len(data.subset("train")) == len(train) and len(data.subset("test")) == len(test)
     assert data.names == [r["fname"] for r in train + test]
@@ -62,10 +68,9 @@ def test_dev_corpus_2018_layout(dev_corpus):
     assert all(f.is_file() for f in data.files)
 
 
-def test_dev_corpus_2019_layout(dev_corpus):
-    root = dev_corpus / "multilabel"
-    parts = {name: csv_rows(root / f"{name}.csv") for name in ("train_curated", "train_noisy", "test")}
-    data = datasets.read(root)
+def test_demo_2019_layout():
+    parts = {name: csv_rows(MULTI / f"{name}.csv") for name in ("train_curated", "train_noisy", "test")}
+    data = datasets.read(MULTI)
     assert data.layout == "kaggle2019" and data.multilabel
     assert len(data.classes) == N_CLASSES
     sizes = {name: len(rows) for name, rows in parts.items()}
@@ -82,10 +87,10 @@ def test_dev_corpus_2019_layout(dev_corpus):
     assert all(f.is_file() for f in data.files)
 
 
-def test_layouts_are_detected(dev_corpus, real_clips, tmp_path):
-    assert datasets.detect(dev_corpus) == "kaggle2018"
-    assert datasets.detect(dev_corpus / "multilabel") == "kaggle2019"
-    assert datasets.detect(dev_corpus / "train.csv") == "csv"
+def test_layouts_are_detected(real_clips, tmp_path):
+    assert datasets.detect(DEMO) == "kaggle2018"
+    assert datasets.detect(MULTI) == "kaggle2019"
+    assert datasets.detect(DEMO / "train.csv") == "csv"
     place(real_clips, tmp_path / "esc" / "audio", ["a.wav"])
     (tmp_path / "esc" / "meta").mkdir()
     (tmp_path / "esc" / "meta" / "esc50.csv").write_text("filename,category\na.wav,dog\n")
@@ -106,7 +111,8 @@ def test_layout_option_overrides_detection(real_clips, tmp_path):
     assert datasets.read(tmp_path).layout == "csv"
     data = datasets.read(tmp_path, layout="folders")
     assert data.layout == "folders" and data.classes == ["cat", "dog"] and len(data) == 3
-    assert "unknown layout 'kaggle2020'" in read_error(tmp_path, layout="kaggle2020")
+    with pytest.raises(ConfigError, match="unknown layout 'kaggle2020'; valid layouts: csv, folders, kaggle2018, "):
+        datasets.read(tmp_path, layout="kaggle2020")
     assert "apply to the csv layout only" in read_error(tmp_path, layout="folders", file_column="file")
 
 
@@ -224,17 +230,17 @@ def test_broken_label_files_name_the_file_and_line(tmp_path, train, test, expect
         assert part.format(csv=root / "train.csv") in message
 
 
-def test_byte_order_mark_warns_and_still_reads(tmp_path):
+def test_byte_order_mark_warns_and_still_reads(tmp_path, caplog):
     root = tmp_path / "bom"
     kaggle2018(root, "")
     (root / "train.csv").write_bytes(b"\xef\xbb\xbffname,label\na.wav,Cello\n")
     data = datasets.read(root)
     assert data.names == ["a.wav"] and data.classes == ["Cello"]
-    assert any("train.csv" in w and "byte-order mark" in w for w in data.warnings)
+    assert table_warnings(caplog) == [f"{root / 'train.csv'}: starts with a byte-order mark (ignored)"]
 
 
-def test_stray_whitespace_warns_with_line_and_is_stripped(tmp_path):
+def test_stray_whitespace_warns_with_line_and_is_stripped(tmp_path, caplog):
     root = kaggle2018(tmp_path, "fname,label\na.wav,Cello\nb.wav , Flute\n")
     data = datasets.read(root)
     assert data.names == ["a.wav", "b.wav"] and data.classes == ["Cello", "Flute"]
-    assert any("train.csv line 3: stray whitespace around 'Flute'" in w for w in data.warnings)
+    assert any("train.csv line 3: stray whitespace around 'Flute'" in w for w in table_warnings(caplog))

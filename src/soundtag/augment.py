@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .registry import Registry
 
 PAD_MODES = ("wrap", "constant")
 
@@ -204,22 +206,10 @@ class Augmentation:
         return _rand(gen, (x.shape[0],), x.device) < self.p
 
 
-AUGMENTATIONS: dict[str, type[Augmentation]] = {}
+AUGMENTATIONS: Registry[type[Augmentation]] = Registry("augmentation")
 
 
-def register(name: str) -> Callable[[type[Augmentation]], type[Augmentation]]:
-    """Class decorator adding an augmentation to :data:`AUGMENTATIONS` under ``name``."""
-
-    def add(cls: type[Augmentation]) -> type[Augmentation]:
-        if name in AUGMENTATIONS:
-            raise ValueError(f"augmentation {name!r} is already registered")
-        AUGMENTATIONS[name] = cls
-        return cls
-
-    return add
-
-
-@register("mixup")
+@AUGMENTATIONS.register("mixup")
 class Mixup(Augmentation):
     """Mixup: ``x = λ x + (1-λ) x[perm]``, same for ``y``; λ ~ Beta(alpha, alpha) per clip.
 
@@ -241,7 +231,7 @@ class Mixup(Augmentation):
         return lx * x + (1 - lx) * x[perm], ly * y + (1 - ly) * y[perm]
 
 
-@register("specaugment")
+@AUGMENTATIONS.register("specaugment")
 class SpecAugment(Augmentation):
     """SpecAugment masking: full-height time stripes and full-width frequency bands.
 
@@ -278,7 +268,7 @@ class SpecAugment(Augmentation):
         return torch.where(mask, _clip_stat(x, self.fill), x), y
 
 
-@register("specmix")
+@AUGMENTATIONS.register("specmix")
 class SpecMix(Augmentation):
     """SpecMix: paste random time and frequency bands of another clip of the batch.
 
@@ -311,7 +301,7 @@ class SpecMix(Augmentation):
         return torch.where(mask, x[perm], x), (1 - area) * y + area * y[perm]
 
 
-@register("erasing")
+@AUGMENTATIONS.register("erasing")
 class RandomErasing(Augmentation):
     """Random erasing of one rectangle per clip, filled with the clip mean or noise.
 
@@ -358,7 +348,7 @@ class RandomErasing(Augmentation):
         return mean + x.std(dim=(1, 2, 3), keepdim=True) * noise
 
 
-@register("timeshift")
+@AUGMENTATIONS.register("timeshift")
 class TimeShift(Augmentation):
     """Circular shift along time by up to ``max_fraction`` of the clip length, either way.
 
@@ -379,7 +369,7 @@ class TimeShift(Augmentation):
         return x.gather(-1, index[:, None, None, :].expand_as(x)), y
 
 
-@register("zoom")
+@AUGMENTATIONS.register("zoom")
 class Zoom(Augmentation):
     """Random resized crop: stretch a random sub-rectangle back to the full size.
 
@@ -421,7 +411,7 @@ class Zoom(Augmentation):
         return (2 * src + 1) / size - 1
 
 
-@register("gain")
+@AUGMENTATIONS.register("gain")
 class Gain(Augmentation):
     """Add a random offset in ``[-max_db, max_db]`` dB to each clip.
 
@@ -460,9 +450,7 @@ def build(specs: Sequence[dict]) -> Compose:
 def _build_one(spec: dict) -> Augmentation:
     params = dict(spec)
     name = params.pop("name", None)
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {name!r}; valid names: {sorted(AUGMENTATIONS)}")
-    cls = AUGMENTATIONS[name]
+    cls = AUGMENTATIONS.get(name)
     accepted = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:

@@ -21,10 +21,6 @@ from .features import FeatureConfig
 if TYPE_CHECKING:
     import torch
 
-OPTIMIZERS = ("adamw", "sgd", "radam")
-SCHEDULES = ("onecycle", "cosine", "constant")
-
-
 @dataclass
 class ModelConfig:
     name: str = "cnn6"
@@ -76,9 +72,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Fail with the valid choices on anything unknown, before training starts."""
-        from . import augment
-        _choice("optimiser", self.optim.name, OPTIMIZERS)
-        _choice("schedule", self.optim.schedule, SCHEDULES)
+        from . import augment, optim
+        optim.OPTIMIZERS.get(self.optim.name)
+        optim.SCHEDULES.get(self.optim.schedule)
         _choice("pad mode", self.crop.pad_mode, augment.PAD_MODES)
         _choice("noisy", self.noisy, ("include", "exclude"))
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":

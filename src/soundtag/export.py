@@ -1,33 +1,34 @@
-"""Export a run's networks to ONNX. The STFT/mel front end stays outside the
-graph; its parameters are saved beside the networks."""
+"""Export a run's networks for other runtimes (ONNX). The STFT/mel front end
+stays outside the graph: the run's config describes it."""
 
 from __future__ import annotations
 
-import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .registry import Registry
 from .run import Run
 
-FORMATS = ("onnx",)
+FORMATS: Registry[Callable[[Run, int], list[Path]]] = Registry("export format")
 
 
 def export(folder: str | Path, fmt: str = "onnx", opset: int = 17) -> list[Path]:
-    """Write `RUN/onnx/fold<k>.onnx` for every trained fold, plus `frontend.json`
-    (feature config) and `classes.json`; input `logmel` [batch, 1, n_features,
-    frames], outputs `logits` and `embedding`."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-    run = Run.open(folder)
-    out = run.folder / "onnx"
-    out.mkdir(exist_ok=True)
+    """Export every trained fold of the run in `folder` to format `fmt`; the files written."""
+    writer = FORMATS.get(fmt)
+    return writer(Run.open(folder), opset)
+
+
+@FORMATS.register("onnx")
+def _onnx(run: Run, opset: int) -> list[Path]:
+    """`RUN/onnx/fold<k>.onnx`: input `logmel` [batch, 1, n_features, frames],
+    outputs `logits` and `embedding`; batch and frames are dynamic."""
     sample = torch.zeros(2, 1, run.config.features.n_features, 200)
     paths = []
     for k in run.trained_folds():
-        path = out / f"fold{k}.onnx"
+        path = run.onnx_path(k)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(run.load_model(k), (sample,), str(path), dynamo=False, opset_version=opset,
@@ -35,6 +36,4 @@ def export(folder: str | Path, fmt: str = "onnx", opset: int = 17) -> list[Path]
                               dynamic_axes={"logmel": {0: "batch", 3: "frames"}, "logits": {0: "batch"},
                                             "embedding": {0: "batch"}})
         paths.append(path)
-    (out / "frontend.json").write_text(json.dumps(run.config.features.to_dict(), indent=1))
-    (out / "classes.json").write_text(json.dumps({"classes": run.classes, "multilabel": run.multilabel}))
     return paths

@@ -8,14 +8,15 @@ Unreadable files keep their row: CSV and JSON tables carry the reason in an
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
-
-FORMATS = ("kaggle2018", "kaggle2019", "csv", "json", "tags")
+from .registry import Registry
 
 
 def top_k(scores: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -30,39 +31,78 @@ def above(scores: np.ndarray, classes: list[str], thresholds: np.ndarray) -> lis
     return [[classes[j] for j in np.flatnonzero(row >= thresholds)] for row in np.nan_to_num(scores, nan=-1)]
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """What a writer gets: file names, their scores, the class names and the rest of `write`'s options."""
+
+    names: list[str]
+    scores: np.ndarray
+    classes: list[str]
+    errors: dict[int, str]
+    k: int
+    thresholds: np.ndarray | None
+
+    def error_of(self) -> list[str]:
+        """Each row's reason for having no scores, "" where it has them."""
+        return [self.errors.get(i, "") for i in range(len(self.names))]
+
+
+FORMATS: Registry[Callable[[Path, Predictions], None]] = Registry("output format")
+
+
+@FORMATS.register("kaggle2018")
+def _kaggle2018(path: Path, p: Predictions) -> None:
+    labels = [" ".join(c for c, _ in row) for row in top_k(p.scores, p.classes, 3)]
+    pd.DataFrame({"fname": p.names, "label": labels}).to_csv(path, index=False)
+    _errors_beside(path, p)
+
+
+@FORMATS.register("kaggle2019")
+def _kaggle2019(path: Path, p: Predictions) -> None:
+    table = pd.DataFrame(p.scores, columns=p.classes)
+    table.insert(0, "fname", p.names)
+    table.to_csv(path, index=False, float_format="%.6f")
+    _errors_beside(path, p)
+
+
+@FORMATS.register("csv")
+def _csv(path: Path, p: Predictions) -> None:
+    table: dict[str, list] = {"fname": p.names}
+    best = top_k(p.scores, p.classes, p.k)
+    for r in range(min(p.k, len(p.classes))):
+        table[f"label_{r + 1}"] = [row[r][0] if row else "" for row in best]
+        table[f"score_{r + 1}"] = [round(row[r][1], 6) if row else np.nan for row in best]
+    table["error"] = p.error_of()
+    pd.DataFrame(table).to_csv(path, index=False)
+
+
+@FORMATS.register("json")
+def _json(path: Path, p: Predictions) -> None:
+    rows = [{"fname": n, "tags": [{"label": c, "score": round(s, 6)} for c, s in row], "error": e or None}
+            for n, row, e in zip(p.names, top_k(p.scores, p.classes, p.k), p.error_of())]
+    path.write_text(json.dumps(rows, indent=1))
+
+
+@FORMATS.register("tags")
+def _tags(path: Path, p: Predictions) -> None:
+    if p.thresholds is None:
+        raise ConfigError("the tags format needs per-class thresholds (tuned on out-of-fold scores)")
+    labels = [",".join(row) for row in above(p.scores, p.classes, p.thresholds)]
+    pd.DataFrame({"fname": p.names, "labels": labels, "error": p.error_of()}).to_csv(path, index=False)
+
+
+def _errors_beside(path: Path, p: Predictions) -> None:
+    """The reasons for unreadable files in `<file>.errors.csv`: the Kaggle columns are fixed."""
+    if p.errors:
+        pd.DataFrame({"fname": [p.names[i] for i in p.errors], "error": list(p.errors.values())}).to_csv(
+            path.with_name(path.name + ".errors.csv"), index=False)
+
+
 def write(path: str | Path, fmt: str, names: list[str], scores: np.ndarray, classes: list[str],
           errors: dict[int, str], k: int = 3, thresholds: np.ndarray | None = None) -> Path:
     """Write predictions for `names` in format `fmt`."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown output format {fmt!r}; valid: {', '.join(FORMATS)}")
+    writer = FORMATS.get(fmt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    error_of = [errors.get(i, "") for i in range(len(names))]
-    if fmt == "kaggle2018":
-        labels = [" ".join(c for c, _ in row) for row in top_k(scores, classes, 3)]
-        pd.DataFrame({"fname": names, "label": labels}).to_csv(path, index=False)
-    elif fmt == "kaggle2019":
-        table = pd.DataFrame(scores, columns=classes)
-        table.insert(0, "fname", names)
-        table.to_csv(path, index=False, float_format="%.6f")
-    elif fmt == "json":
-        rows = [{"fname": n, "tags": [{"label": c, "score": round(s, 6)} for c, s in row], "error": e or None}
-                for n, row, e in zip(names, top_k(scores, classes, k), error_of)]
-        path.write_text(json.dumps(rows, indent=1))
-    elif fmt == "csv":
-        table = {"fname": names}
-        best = top_k(scores, classes, k)
-        for r in range(min(k, len(classes))):
-            table[f"label_{r + 1}"] = [row[r][0] if row else "" for row in best]
-            table[f"score_{r + 1}"] = [round(row[r][1], 6) if row else np.nan for row in best]
-        table["error"] = error_of
-        pd.DataFrame(table).to_csv(path, index=False)
-    else:
-        if thresholds is None:
-            raise ConfigError("the tags format needs per-class thresholds (tuned on out-of-fold scores)")
-        labels = [",".join(row) for row in above(scores, classes, thresholds)]
-        pd.DataFrame({"fname": names, "labels": labels, "error": error_of}).to_csv(path, index=False)
-    if errors and fmt.startswith("kaggle"):
-        pd.DataFrame({"fname": [names[i] for i in errors], "error": list(errors.values())}).to_csv(
-            path.with_name(path.name + ".errors.csv"), index=False)
+    writer(path, Predictions(names, scores, classes, errors, k, thresholds))
     return path

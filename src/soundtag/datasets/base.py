@@ -34,7 +34,6 @@ class Dataset:
     fold: np.ndarray
     labelled: np.ndarray
     multilabel: bool
-    warnings: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
 
     def __len__(self) -> int:

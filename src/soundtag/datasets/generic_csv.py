@@ -35,8 +35,7 @@ def read(root: Path, file_column: str | None = None, label_column: str | None = 
     csv_path = root if root.suffix.lower() == ".csv" else find_csv(root)
     if csv_path is None:
         raise DataError(f"{root}: no CSV found (looked for {', '.join(KNOWN_CSVS)}); pass the CSV file itself")
-    warnings: list[str] = []
-    table = Table(csv_path, warnings)
+    table = Table(csv_path, [])
     fcol = _column(table, file_column, FILE_COLUMNS, "file")
     lcol = _column(table, label_column, LABEL_COLUMNS, "label")
     kcol = _column(table, fold_column, FOLD_COLUMNS, "fold", required=False)
@@ -55,9 +54,7 @@ def read(root: Path, file_column: str | None = None, label_column: str | None = 
         raise DataError(f"{csv_path}: none of its files were found under "
                         f"{', '.join(map(str, roots))}; name the audio folder with --audio-dir")
     multilabel = any(len(r["labels"]) > 1 for r in rows)
-    dataset = build(csv_path.parent, "csv", rows, multilabel=multilabel)
-    dataset.warnings = warnings
-    return dataset
+    return build(csv_path.parent, "csv", rows, multilabel=multilabel)
 
 
 def _column(table: Table, given: str | None, candidates: tuple[str, ...], what: str,

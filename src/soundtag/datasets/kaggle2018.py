@@ -16,8 +16,7 @@ def detect(root: Path) -> bool:
 
 
 def read(root: Path) -> Dataset:
-    warnings: list[str] = []
-    train = Table(root / "train.csv", warnings)
+    train = Table(root / "train.csv", [])
     train.require("fname", "label")
     train.unique("fname")
     rows = []
@@ -27,17 +26,15 @@ def read(root: Path) -> Dataset:
         rows.append({"file": root / "audio_train" / r["fname"], "name": r["fname"],
                      "labels": [r["label"]], "split": "train", "verified": verified})
     classes = sorted({r["labels"][0] for r in rows})
-    rows += _test_rows(root, set(classes), warnings)
-    dataset = build(root, "kaggle2018", rows, classes, multilabel=False)
-    dataset.warnings = warnings
-    return dataset
+    rows += _test_rows(root, set(classes))
+    return build(root, "kaggle2018", rows, classes, multilabel=False)
 
 
-def _test_rows(root: Path, classes: set[str], warnings: list[str]) -> list[dict]:
+def _test_rows(root: Path, classes: set[str]) -> list[dict]:
     path = next((root / n for n in TEST_CSVS if (root / n).is_file()), None)
     if path is None or not (root / "audio_test").is_dir():
         return []
-    test = Table(path, warnings)
+    test = Table(path, [])
     test.require("fname")
     test.unique("fname")
     rows = []

@@ -17,31 +17,28 @@ def detect(root: Path) -> bool:
 
 
 def read(root: Path) -> Dataset:
-    warnings: list[str] = []
     parsed = []
     for name, split, noisy in SUBSETS:
         csv_path, folder = root / f"{name}.csv", root / name
         if not csv_path.is_file() or not folder.is_dir():
             continue
-        table = Table(csv_path, warnings)
+        table = Table(csv_path, [])
         table.require("fname", *(("labels",) if split == "train" else ()))
         table.unique("fname")
         for line, r in table.rows:
             labels = split_labels(r["labels"]) if r.get("labels") else None
             parsed.append((table, line, {"file": folder / r["fname"], "name": r["fname"],
                                          "labels": labels, "split": split, "noisy": noisy}))
-    classes = _vocabulary(root, warnings) or sorted(
+    classes = _vocabulary(root) or sorted(
         {x for _, _, r in parsed if r["split"] == "train" for x in r["labels"] or ()})
     for table, line, r in parsed:
         if r["split"] == "train" or r["labels"] is not None:
             check_labels(table, line, r["labels"] or [], set(classes))
-    dataset = build(root, "kaggle2019", [r for _, _, r in parsed], classes, multilabel=True)
-    dataset.warnings = warnings
-    return dataset
+    return build(root, "kaggle2019", [r for _, _, r in parsed], classes, multilabel=True)
 
 
-def _vocabulary(root: Path, warnings: list[str]) -> list[str] | None:
+def _vocabulary(root: Path) -> list[str] | None:
     path = root / "sample_submission.csv"
     if not path.is_file():
         return None
-    return [c for c in Table(path, warnings).columns if c != "fname"]
+    return [c for c in Table(path, []).columns if c != "fname"]

@@ -1,39 +1,26 @@
-"""Model registry: each family registers its constructors under a short name."""
+"""Model registry: each module of this package registers its families under short names."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from ..registry import Registry
 
-_Factory = TypeVar("_Factory", bound=Callable[..., nn.Module])
-
-
-def register(name: str) -> Callable[[_Factory], _Factory]:
-    """Class decorator adding a model constructor to ``MODELS`` under ``name``."""
-
-    def add(factory: _Factory) -> _Factory:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = factory
-        return factory
-
-    return add
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", package=__name__)
 
 
 def model_names() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(MODELS)
+    return MODELS.names()
 
 
 def create_model(name: str, num_classes: int, **params: Any) -> nn.Module:
-    """Build model ``name`` with ``num_classes`` outputs; ``params`` go to its constructor."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(model_names())}")
-    factory = MODELS[name]
+    """Build model `name` with `num_classes` outputs; `params` go to its constructor."""
+    factory = MODELS.get(name)
     accepted = [p for p in inspect.signature(factory).parameters if p != "num_classes"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
@@ -42,7 +29,3 @@ def create_model(name: str, num_classes: int, **params: Any) -> nn.Module:
             f"accepted: {', '.join(accepted)}"
         )
     return factory(num_classes, **params)
-
-
-# Importing the families registers them.
-from . import mobilenet, panns, resnet, vgg  # noqa: E402,F401

@@ -106,9 +106,3 @@ class TaggerNet(nn.Module):
         embedding = self.neck(self.pool(self.features(self.bn0(x))))
         return self.head(self.dropout(embedding)), embedding
 
-    def replace_head(self, num_classes: int) -> None:
-        """Swap in a freshly initialised head for ``num_classes`` outputs; the backbone is kept."""
-        old = self.head
-        self.head = nn.Linear(
-            old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype
-        )

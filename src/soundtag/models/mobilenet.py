@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register
+from . import MODELS
 from .common import GlobalPool, TaggerNet, conv_bn, scaled
 
 # (expansion t, channels c, repeats n, first stride s), MobileNetV2 table 2.
@@ -33,7 +33,7 @@ class InvertedResidual(nn.Module):
         return x + self.block(x) if self.residual else self.block(x)
 
 
-@register("mobilenetv2")
+@MODELS.register("mobilenetv2")
 class MobileNetV2(TaggerNet):
     """Adapter (1×1 convs 1→10→3) → MobileNetV2 features → mean+max pooling → head."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
+from . import MODELS
 from .common import GlobalPool, TaggerNet, conv_stack, fc_neck, pool2x2, stage_channels
 
 BLOCK_DROPOUT = 0.2
@@ -31,7 +31,7 @@ class PannsCnn(TaggerNet):
         )
 
 
-@register("cnn6")
+@MODELS.register("cnn6")
 class Cnn6(PannsCnn):
     def __init__(
         self, num_classes: int, n_mels: int = 64, width: float = 1.0, dropout: float = 0.5
@@ -39,7 +39,7 @@ class Cnn6(PannsCnn):
         super().__init__(num_classes, n_mels, width, dropout, kernel=5, convs=1)
 
 
-@register("cnn10")
+@MODELS.register("cnn10")
 class Cnn10(PannsCnn):
     def __init__(
         self, num_classes: int, n_mels: int = 64, width: float = 1.0, dropout: float = 0.5

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import register
+from . import MODELS
 from .common import GlobalPool, TaggerNet, conv_bn, pool2x2, stage_channels
 
 
@@ -27,7 +27,7 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-@register("resnet")
+@MODELS.register("resnet")
 class ResNet(TaggerNet):
     """Stem (3×3 conv, 2×2 avg pool) → BasicBlock stages (stride 2 from the 2nd) → head."""
 

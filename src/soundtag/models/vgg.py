@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
+from . import MODELS
 from .common import GlobalPool, TaggerNet, conv_stack, fc_neck, pool2x2, stage_channels
 
 
-@register("vgg")
+@MODELS.register("vgg")
 class VGG(TaggerNet):
     """2×2 average pooling between blocks; mean+max time pooling concatenated → FC → head."""
 
