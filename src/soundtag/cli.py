@@ -38,17 +38,19 @@ def add_data_options(p: argparse.ArgumentParser, optional: bool = False) -> None
 
 
 def add_feature_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("features")
-    g.add_argument("--sample-rate", type=int, default=44100)
-    g.add_argument("--n-fft", type=int, default=1024)
-    g.add_argument("--hop-length", type=int, default=512)
-    g.add_argument("--n-mels", type=int, default=64)
-    g.add_argument("--fmin", type=float, default=20.0)
-    g.add_argument("--fmax", type=float, default=None)
-    g.add_argument("--window", default="hann")
-    g.add_argument("--kind", default="logmel", help="logmel or mfcc")
-    g.add_argument("--n-mfcc", type=int, default=40)
-    g.add_argument("--trim-db", type=float, default=60.0, help="silence threshold below the peak, in dB")
+    g = p.add_argument_group("features (each option overrides the preset's front end)")
+    g.add_argument("--preset", default="fast",
+                   help="front end of this training preset (default: fast, what `train` uses by default)")
+    g.add_argument("--sample-rate", type=int)
+    g.add_argument("--n-fft", type=int)
+    g.add_argument("--hop-length", type=int)
+    g.add_argument("--n-mels", type=int)
+    g.add_argument("--fmin", type=float)
+    g.add_argument("--fmax", type=float)
+    g.add_argument("--window")
+    g.add_argument("--kind", help="logmel or mfcc")
+    g.add_argument("--n-mfcc", type=int)
+    g.add_argument("--trim-db", type=float, help="silence threshold below the peak, in dB")
     g.add_argument("--no-trim", action="store_true", help="keep leading and trailing silence")
     add_cache_options(p)
 
@@ -68,10 +70,17 @@ def read_dataset(args: argparse.Namespace):
 
 
 def feature_config(args: argparse.Namespace):
-    from .features import FeatureConfig
-    return FeatureConfig(sample_rate=args.sample_rate, n_fft=args.n_fft, hop_length=args.hop_length,
-                         n_mels=args.n_mels, fmin=args.fmin, fmax=args.fmax, window=args.window,
-                         kind=args.kind, n_mfcc=args.n_mfcc, trim_db=None if args.no_trim else args.trim_db)
+    """The preset's front end with the feature options given on the command line."""
+    from dataclasses import replace
+
+    from .config import resolve
+    names = ("sample_rate", "n_fft", "hop_length", "n_mels", "fmin", "fmax", "window", "kind", "n_mfcc", "trim_db")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.no_trim:
+        if "trim_db" in given:
+            raise ConfigError("--no-trim and --trim-db contradict each other; give one")
+        given["trim_db"] = None
+    return replace(resolve(args.preset).features, **given)
 
 
 def print_failures(failures: dict[str, str], limit: int = 20) -> None:
@@ -106,7 +115,7 @@ def _features_options(p: argparse.ArgumentParser) -> None:
 
 @command("features", _features_options)
 def features(args: argparse.Namespace) -> int:
-    """Compute and cache the features of every clip (resumes an interrupted run)."""
+    """Compute and store the features of every clip the store lacks (by default the fast preset's)."""
     from .store import extract
     dataset = read_dataset(args)
     start = time.perf_counter()
