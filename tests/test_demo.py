@@ -60,7 +60,7 @@ def test_the_demo_prints_its_steps_and_the_run_path(demo_run):
 
 def test_the_demo_writes_a_usable_run(demo_run):
     folder = demo_run[1] / "run"
-    for name in ("config.yaml", "run.json", "folds.csv", "summary.json", "summary.md", "thresholds.json",
+    for name in ("config.yaml", "run.json", "clips.csv", "summary.json", "summary.md", "thresholds.json",
                  "fold0/model.safetensors", "fold0/metrics.csv"):
         assert (folder / name).is_file(), name
     assert (folder / "curves.png").read_bytes()[:8] == PNG_MAGIC

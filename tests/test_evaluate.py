@@ -80,12 +80,12 @@ def test_tuned_thresholds_are_scores_of_the_class():
 
 def test_run_thresholds_are_the_tuned_out_of_fold_thresholds(tmp_path_factory, private_cache):
     run = Run.open(shared_run(tmp_path_factory, "cnn6"))
-    folds = run.read_folds()
+    clips = run.read_clips()
     dataset = datasets.read(DEMO).subset("train")
-    assert folds.fname.tolist() == dataset.names
-    held = folds.fold.to_numpy() == 0
+    assert clips.names == dataset.names
+    held = clips.fold == 0
     truth = dataset.targets[held] > 0
-    oof = np.load(run.fold_dir(0) / "oof.npy")
+    oof = run.fold_scores(0)
     saved = run.thresholds()
     for j in range(len(run.classes)):
         if truth[:, j].any():

@@ -19,12 +19,15 @@ import torch
 import yaml
 from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, write_wav
 
+
 from soundtag import predict
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
 from soundtag.features import FeatureConfig
 from soundtag.outputs import top_k
-from soundtag.predict import TTA, Tagger, activate, combine, ordered_map
+from soundtag.predict import TTA, Tagger, combine, ordered_map
+from soundtag.store import one_torch_thread
+from soundtag.task import Task
 from soundtag.run import Run, RunError
 
 FPS = 44100 / 512  # frames per second of the default feature config
@@ -192,9 +195,9 @@ def test_unknown_mean_is_a_config_error():
 
 def test_activate_softmax_and_sigmoid():
     logits = np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32)
-    soft = activate(logits, multilabel=False)
+    soft = Task(False).activate(logits)
     np.testing.assert_allclose(soft, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), rtol=1e-5)
-    np.testing.assert_allclose(activate(logits, multilabel=True), 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    np.testing.assert_allclose(Task(True).activate(logits), 1 / (1 + np.exp(-logits)), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the tagger against hand-made passes
@@ -288,7 +291,7 @@ def test_torch_runs_on_one_thread_while_any_caller_tags_and_gets_its_setting_bac
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        first, second = predict.one_torch_thread(), predict.one_torch_thread()
+        first, second = one_torch_thread(), one_torch_thread()
         first.__enter__()
         second.__enter__()
         assert torch.get_num_threads() == 1

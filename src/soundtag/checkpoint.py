@@ -1,6 +1,7 @@
-"""Saving nested training state without pickles: tensors go to a safetensors
-file, everything else (numbers, strings, lists, dicts) to a JSON file that
-points at them."""
+"""Saving nested training state without pickles, as one file: tensors go into
+a safetensors file, everything else (numbers, strings, lists, dicts) into its
+metadata as JSON that points at them. The file is replaced in one step, so a
+kill leaves either the old state or the new one, never a mix."""
 
 from __future__ import annotations
 
@@ -11,27 +12,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import SoundtagError
 
 
-def save(stem: str | Path, state: Any) -> None:
-    """Write `state` as `stem.safetensors` + `stem.json`, each replaced atomically."""
-    stem = Path(stem)
+class CheckpointError(SoundtagError):
+    """A checkpoint file that cannot be read back."""
+
+
+def save(path: str | Path, state: Any) -> None:
+    """Write `state` to `path` (a .safetensors file) atomically."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(state, tensors, "s")
-    atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
-    atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(skeleton)))
+    atomic_write(Path(path), lambda p: save_file(tensors, p, metadata={"state": json.dumps(skeleton)}))
 
 
-def load(stem: str | Path) -> Any:
-    stem = Path(stem)
-    tensors = load_file(stem.with_suffix(".safetensors"))
-    return _decode(json.loads(stem.with_suffix(".json").read_text()), tensors)
-
-
-def exists(stem: str | Path) -> bool:
-    stem = Path(stem)
-    return stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists()
+def load(path: str | Path) -> Any:
+    """The state saved by `save`; a damaged file raises CheckpointError."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            skeleton = json.loads((f.metadata() or {})["state"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint ({e}); delete it to restart this fold "
+                              "from scratch") from None
+    return _decode(skeleton, tensors)
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:

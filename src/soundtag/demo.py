@@ -3,7 +3,6 @@ preset, evaluate on the held-out split, tag a few held-out clips."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def run_demo(out: str | Path = "demo-run", data: str | Path | None = None,
           f"{len(dataset.classes)} classes ({data})")
     config = resolve("fast", overrides={"epochs": epochs} if epochs else None)
     run = train(dataset, config, out / "run", force=True, cache_dir=cache_dir)
-    print(summary_table(json.loads((run.folder / "summary.json").read_text())))
+    print(summary_table(run.summary()))
     tagger = Tagger.load([run.folder])
     result = evaluate(tagger, dataset, "test", out / "evaluation", cache_dir)
     print(f"\ntest split: {result['clips']} clips, MAP@3 {result['map@3']:.3f}, "
@@ -43,6 +42,6 @@ def run_demo(out: str | Path = "demo-run", data: str | Path | None = None,
     for j, (i, best) in enumerate(zip(picks, outputs.top_k(scores, tagger.classes, 3))):
         tags = errors.get(j) or ", ".join(f"{label} {score:.2f}" for label, score in best)
         print(f"  {test.names[i]} (true: {', '.join(test.labels(i))}): {tags}")
-    print(f"\nrun: {run.folder}\ntraining curves: {run.folder / 'curves.png'}\n"
+    print(f"\nrun: {run.folder}\ntraining curves: {run.curves_path}\n"
           f"evaluation plots: {out / 'evaluation'}\ndone in {time.perf_counter() - start:.0f} s")
     return result

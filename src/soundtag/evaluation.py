@@ -11,6 +11,7 @@ from . import metrics, plots
 from .datasets import Dataset
 from .errors import DataError
 from .predict import Tagger
+from .task import Task
 
 
 def truth_for(dataset: Dataset, classes: list[str]) -> np.ndarray:
@@ -48,7 +49,7 @@ def evaluate(tagger: Tagger, dataset: Dataset, split: str = "test", out: str | P
 def _write(out: Path, result: dict, truth: np.ndarray, scores: np.ndarray, tagger: Tagger) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    key = "lwlrap" if tagger.multilabel else "ap"
+    key = Task(tagger.multilabel).per_class_figure
     values = {c: v[key] for c, v in result["per_class"].items() if v[key] is not None}
     plots.per_class_bars(values, key, out / f"per_class_{key}.png")
     if not tagger.multilabel:

@@ -9,16 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from . import audio  # noqa: E402
-from .datasets import Dataset  # noqa: E402
-from .plots import save  # noqa: E402
+from . import audio
+from .datasets import Dataset
+from .plots import figure, save
 
 FORMATS = ("md", "html")
 
@@ -131,7 +127,7 @@ def _cooccurrence(dataset: Dataset, out: Path) -> str:
     i, j = np.triu_indices(len(dataset.classes), 1)
     order = np.argsort(-co[i, j])[:15]
     rows = [[dataset.classes[i[k]], dataset.classes[j[k]], int(co[i[k], j[k]])] for k in order if co[i[k], j[k]]]
-    fig, ax = plt.subplots(figsize=(0.3 * len(dataset.classes) + 3, 0.3 * len(dataset.classes) + 2))
+    fig, ax = figure(0.3 * len(dataset.classes) + 3, 0.3 * len(dataset.classes) + 2)
     im = ax.imshow(co, cmap="viridis")
     ax.set_xticks(range(len(dataset.classes)), dataset.classes, rotation=90, fontsize=7)
     ax.set_yticks(range(len(dataset.classes)), dataset.classes, fontsize=7)
@@ -143,14 +139,14 @@ def _cooccurrence(dataset: Dataset, out: Path) -> str:
 
 
 def _plots(dataset: Dataset, parts: dict[str, np.ndarray], probes: list[Probe], out: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(7, 4)
     for name, mask in parts.items():
         d = [p.duration for p, m in zip(probes, mask) if m and not p.error]
         ax.hist(d, bins=40, alpha=0.5, label=name)
     ax.set(xlabel="duration (s)", ylabel="clips", title="Clip durations")
     ax.legend()
     save(fig, out / "durations.png")
-    fig, ax = plt.subplots(figsize=(8, 0.22 * len(dataset.classes) + 1.5))
+    fig, ax = figure(8, 0.22 * len(dataset.classes) + 1.5)
     left = np.zeros(len(dataset.classes))
     for name, mask in parts.items():
         counts = dataset.targets[mask].sum(0)

@@ -7,22 +7,26 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import StratifiedKFold
 
-from .datasets import Dataset
+from .clips import ClipTable
 from .errors import DataError
 
 
-def assign_folds(dataset: Dataset, folds: int | str, seed: int = 0) -> np.ndarray:
-    """A fold number per clip of a training set; -1 for clips that are never
-    held out (noisy clips: their labels are not trusted for validation)."""
+def assign_folds(table: ClipTable, folds: int | str, seed: int = 0) -> np.ndarray:
+    """A fold number per clip of a training table; -1 for clips that are never
+    held out (noisy, pseudo-labelled or selected clips: their labels are not
+    trusted for validation), unless the table holds no others."""
+    candidates = table.held_out_candidates
+    if not candidates.any():  # e.g. a noisy-only stage: its own labels are all there is
+        candidates = np.ones(len(table), bool)
     if folds == "own":
-        if (dataset.fold < 0).all():
-            raise DataError(f"{dataset.root}: the dataset has no fold column; use --folds K instead")
-        return np.where(dataset.noisy, -1, dataset.fold)
-    out = np.full(len(dataset), -1, np.int64)
-    held = np.flatnonzero(~dataset.noisy)
-    targets = dataset.targets[held]
-    _check_enough(dataset, targets, int(folds))
-    if dataset.multilabel:
+        if (table.fold < 0).all():
+            raise DataError("the dataset has no fold column; use --folds K instead")
+        return np.where(candidates, table.fold, -1)
+    out = np.full(len(table), -1, np.int64)
+    held = np.flatnonzero(candidates)
+    targets = table.targets[held]
+    _check_enough(table, targets, int(folds))
+    if table.multilabel:
         splitter = MultilabelStratifiedKFold(n_splits=int(folds), shuffle=True, random_state=seed)
         parts = splitter.split(held, targets)
     else:
@@ -38,9 +42,9 @@ def fold_ids(fold: np.ndarray) -> list[int]:
     return sorted(int(k) for k in np.unique(fold) if k >= 0)
 
 
-def _check_enough(dataset: Dataset, targets: np.ndarray, folds: int) -> None:
+def _check_enough(table: ClipTable, targets: np.ndarray, folds: int) -> None:
     counts = targets.sum(0).astype(int)
-    few = [f"{c} ({n})" for c, n in zip(dataset.classes, counts) if n < folds]
+    few = [f"{c} ({n})" for c, n in zip(table.classes, counts) if n < folds]
     if few:
         raise DataError(f"{len(few)} class(es) have fewer clips than the {folds} folds asked for: "
                         f"{', '.join(few[:10])}{' …' if len(few) > 10 else ''}; use fewer folds "

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .audio import AudioError  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-from .plots import save  # noqa: E402
-from .predict import Tagger, tile_starts  # noqa: E402
-from .store import clip_features  # noqa: E402
+from .errors import ConfigError
+from .features import FeatureConfig
+from .plots import figure, save
+from .tta import tile_starts
 
 
 @dataclass
@@ -48,7 +44,7 @@ class Timeline:
     def plot(self, path: str | Path, top: int = 10) -> Path:
         """Scores over time of the `top` classes with the highest peaks."""
         best = np.argsort(-self.scores.max(0))[:top]
-        fig, ax = plt.subplots(figsize=(10, 0.35 * len(best) + 1.5))
+        fig, ax = figure(10, 0.35 * len(best) + 1.5)
         end = self.starts[-1] + self.window
         ax.imshow(self.scores[:, best].T, aspect="auto", cmap="magma", vmin=0, vmax=1,
                   extent=(0, end, len(best) - 0.5, -0.5), interpolation="nearest")
@@ -57,23 +53,37 @@ class Timeline:
         return save(fig, Path(path))
 
 
-def timeline(tagger: Tagger, path: str | Path, window: float = 2.0, hop: float = 1.0) -> Timeline:
-    """Score every `window`-second stretch of a recording, `hop` seconds apart,
-    the last window flush with the end; times are those of whole frames."""
-    if window <= 0 or hop <= 0:
-        raise ConfigError("window and hop must be positive")
-    configs = tagger.feature_configs
-    whole, error = clip_features(str(path), [replace(c, trim_db=None) for c in configs])
-    if whole is None:
-        raise AudioError(path, error)
-    specs, starts, length = {}, None, window
-    for config, spec in zip(configs, whole):
+def check_window(window: float, hop: float) -> None:
+    if not (np.isfinite(window) and np.isfinite(hop) and window > 0 and hop > 0):
+        raise ConfigError(f"timeline window and hop must be positive seconds, not {window} and {hop}")
+
+
+def windows(specs: dict[FeatureConfig, np.ndarray], window: float = 2.0,
+            hop: float = 1.0) -> tuple[np.ndarray, float, list[dict[FeatureConfig, np.ndarray]]]:
+    """Every `window`-second stretch of a recording's (untrimmed) features,
+    `hop` seconds apart, the last window flush with the end: (starts in
+    seconds, window length, the windows as clips). Times are those of whole
+    frames of the first front end."""
+    check_window(window, hop)
+    per_config, starts, length = {}, None, window
+    for config, spec in specs.items():
         fps = config.sample_rate / config.hop_length
         size = max(8, round(window * fps))
         first = tile_starts(spec.shape[1], size, max(1, round(hop * fps)))
-        specs[config] = [spec[:, s : s + size] for s in first]
-        if starts is None:  # times follow the first front end's frames
+        per_config[config] = [spec[:, s : s + size] for s in first]
+        if starts is None:
             starts, length = np.asarray(first) / fps, size / fps
-    n = min(len(v) for v in specs.values())
-    clips = [{c: v[i] for c, v in specs.items()} for i in range(n)]
-    return Timeline(starts[:n], length, tagger.score_clips(clips), tagger.classes)
+    n = min(len(v) for v in per_config.values())
+    return starts[:n], length, [{c: v[i] for c, v in per_config.items()} for i in range(n)]
+
+
+def timeline_of(specs: dict[FeatureConfig, np.ndarray], score: Callable[[Sequence[dict]], np.ndarray],
+                classes: list[str], window: float = 2.0, hop: float = 1.0) -> Timeline:
+    """The timeline of a recording's features, each window scored by `score`."""
+    starts, length, clips = windows(specs, window, hop)
+    return Timeline(starts, length, score(clips), classes)
+
+
+def timeline(tagger, path: str | Path, window: float = 2.0, hop: float = 1.0) -> Timeline:
+    """Score every `window`-second stretch of a recording (see `Tagger.timeline`)."""
+    return tagger.timeline(path, window, hop)
