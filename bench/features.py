@@ -4,8 +4,13 @@
     `librosa.feature.melspectrogram` + `power_to_db` with the same parameters, on the
     same decoded clips, with 1 and 2 threads (torch.set_num_threads for soundtag; the
     BLAS pool for librosa, whose numpy FFT is single-threaded either way).
-(b) Wall time and peak memory of `soundtag features CORPUS` on the whole 2018 layout in
-    a fresh cache folder, page cache warm, then again as a cache hit.
+(b) Wall time and peak memory of `soundtag features CORPUS` (no options: the fast preset's
+    front end) on the whole 2018 layout in a fresh cache folder, page cache warm, then again
+    as a cache hit; then whether `extract` with the fast preset's feature config finds every
+    clip in the store that command filled.
+(c) The per-clip store in-process (`soundtag.store.extract`, fast preset front end): a fresh
+    store of the whole 2018 layout, a rerun, half of the cached set, and the set plus one new
+    file, each with its seconds and the clips it computed (lines added to the index).
 
 usage: python bench/features.py [--corpus DIR] [--out FILE] [--clips N]
 """
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -28,10 +34,11 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from corpus import dev_corpus_path
-from soundtag import __version__, audio, features
+from soundtag import __version__, audio, config, datasets, features, store
 from soundtag.features import FeatureConfig
 
 TARGET_RATIO, TARGET_WALL_S, TARGET_RSS_MB = 2.0, 15.0, 1024.0
+TARGET_LOOKUP_S = 1.0  # a rerun, a cached subset, the set plus one file: lookups and the missing clips
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -117,9 +124,30 @@ def run_measured(argv: list[str], log: Path) -> dict:
             "tree_rss_sum_mb": peak_rss, "tree_pss_sum_mb": peak_pss}
 
 
+def corpus_files(corpus: Path) -> list[Path]:
+    return sorted((corpus / "audio_train").glob("*.wav")) + sorted((corpus / "audio_test").glob("*.wav"))
+
+
+def indexed(folder: Path) -> int:
+    """Lines in a store's index: one a computed clip."""
+    index = folder / store.INDEX
+    return index.read_bytes().count(b"\n") if index.is_file() else 0
+
+
+def timed_extract(files: list[Path], cfg: FeatureConfig, cache: Path) -> dict:
+    """Seconds of one `store.extract` and the clips it computed."""
+    folder = store.store_folder(cfg, "float16", cache)
+    before = indexed(folder)
+    start = time.perf_counter()
+    result = store.extract(files, cfg, cache, progress=False)
+    return {"clips": len(files), "computed": indexed(folder) - before, "seconds": time.perf_counter() - start,
+            "stored": int(result.ok.sum())}
+
+
 def whole_corpus(corpus: Path) -> dict:
-    """`soundtag features CORPUS` in a fresh cache (page cache warmed first), then a cache hit."""
-    files = sorted((corpus / "audio_train").glob("*.wav")) + sorted((corpus / "audio_test").glob("*.wav"))
+    """`soundtag features CORPUS` in a fresh cache (page cache warmed first), then a cache hit,
+    then a lookup of every clip under the fast preset's feature config."""
+    files = corpus_files(corpus)
     for f in files:
         f.read_bytes()
     with tempfile.TemporaryDirectory(prefix="soundtag-bench-") as tmp:
@@ -127,8 +155,21 @@ def whole_corpus(corpus: Path) -> dict:
         first = run_measured(argv, Path(tmp) / "first.log")
         summary = (Path(tmp) / "first.log").read_text().strip().splitlines()[-1]
         second = run_measured(argv, Path(tmp) / "second.log")
+        fast = timed_extract(datasets.read(corpus).files, config.resolve("fast").features, Path(tmp))
     return {"clips": len(files), "workers": os.cpu_count(), "summary": summary, "fresh": first,
-            "cached_wall_s": second["wall_s"]}
+            "cached_wall_s": second["wall_s"], "fast_preset_lookup": fast}
+
+
+def store_steps(corpus: Path) -> list[dict]:
+    """In-process `store.extract` on the fast preset's front end: a fresh store, a rerun, half
+    of the cached set, and the set plus one new file (a copy of a clip under a new name)."""
+    files, cfg = corpus_files(corpus), config.resolve("fast").features
+    with tempfile.TemporaryDirectory(prefix="soundtag-bench-") as tmp:
+        new = Path(shutil.copy(files[0], Path(tmp) / "new-clip.wav"))
+        cache = Path(tmp) / "cache"
+        steps = {"fresh, whole corpus": files, "rerun": files, "half of the cached set": files[::2],
+                 "cached set + one new file": [*files, new]}
+        return [{"step": step, **timed_extract(asked, cfg, cache)} for step, asked in steps.items()]
 
 
 def print_table(result: dict) -> None:
@@ -148,6 +189,13 @@ def print_table(result: dict) -> None:
     print(f"  peak RSS, largest process {f['max_process_rss_mb']:7.0f} MiB")
     print(f"  peak RSS, tree sum        {f['tree_rss_sum_mb']:7.0f} MiB (shared pages counted per process)")
     print(f"  peak PSS, tree sum        {f['tree_pss_sum_mb']:7.0f} MiB")
+    fast = b["fast_preset_lookup"]
+    print(f"  then the fast preset's feature config: {fast['stored']}/{fast['clips']} clips stored, "
+          f"{fast['computed']} computed, {fast['seconds']:.2f} s")
+    print(f"\n(c) per-clip store, in-process store.extract (fast preset front end, {b['workers']} workers)")
+    print(f"  {'step':<27} {'clips':>6} {'computed':>9} {'seconds':>8}")
+    for r in result["store"]:
+        print(f"  {r['step']:<27} {r['clips']:>6} {r['computed']:>9} {r['seconds']:>8.2f}")
     print("\ntargets:")
     for name, ok in result["targets"].items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
@@ -167,19 +215,28 @@ def main() -> None:
     audio_s = sum(map(len, waves)) / FeatureConfig().sample_rate
     rows = throughput(waves, audio_s)
     corpus_run = whole_corpus(corpus)
+    steps = store_steps(corpus)
     one_thread = [r["ratio"] for r in rows if r["threads"] == 1]
     fresh = corpus_run["fresh"]
+    fast = corpus_run["fast_preset_lookup"]
     result = {
         "soundtag": __version__, "torch": torch.__version__, "librosa": librosa.__version__,
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "corpus": str(corpus),
         "load_average_before": load_before,
         "throughput": {"clips": len(files), "audio_s": audio_s, "rows": rows},
         "whole_corpus": corpus_run,
+        "store": steps,
         "targets": {
             f">= {TARGET_RATIO:g}x librosa on 1 thread": min(one_thread) >= TARGET_RATIO,
             f"whole corpus <= {TARGET_WALL_S:g} s on {os.cpu_count()} cores": fresh["wall_s"] <= TARGET_WALL_S,
             f"peak RSS (largest process) <= {TARGET_RSS_MB:g} MiB": fresh["max_process_rss_mb"] <= TARGET_RSS_MB,
             f"peak PSS (tree sum) <= {TARGET_RSS_MB:g} MiB": fresh["tree_pss_sum_mb"] <= TARGET_RSS_MB,
+            "`features` without options fills the fast preset's store (nothing left to compute)":
+                fast["computed"] == 0,
+            f"store: fresh whole corpus <= {TARGET_WALL_S:g} s": steps[0]["seconds"] <= TARGET_WALL_S,
+            f"store: rerun, half subset, set + 1 each <= {TARGET_LOOKUP_S:g} s, computing 0, 0, 1 clips":
+                all(r["seconds"] <= TARGET_LOOKUP_S for r in steps[1:])
+                and [r["computed"] for r in steps[1:]] == [0, 0, 1],
         },
     }
     print_table(result)
