@@ -283,7 +283,12 @@ class Run:
         return sorted(self.folder.glob("onnx/fold*.onnx"))
 
     def eval_dir(self, split: str) -> Path:
-        return self.folder / f"eval-{split}"
+        return eval_folder(self.folder, split)
+
+
+def eval_folder(folder: str | Path, split: str) -> Path:
+    """Where `soundtag evaluate` writes by default: inside the run (or stack) folder."""
+    return Path(folder) / f"eval-{split}"
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
