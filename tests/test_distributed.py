@@ -34,12 +34,12 @@ import numpy as np
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from soundtag import cli, distributed, train
+from soundtag import cli, distributed, loop
 
 
 def main() -> int:
     networks, logits = [], []
-    wrap, clip_logits = distributed.Context.wrap, train.clip_logits
+    wrap, clip_logits = distributed.Context.wrap, loop.clip_logits
 
     def keep_network(self, model):
         networks.append(model)
@@ -51,7 +51,7 @@ def main() -> int:
         return out
 
     distributed.Context.wrap = keep_network
-    train.clip_logits = keep_logits
+    loop.clip_logits = keep_logits
     dump = Path(sys.argv[1])
     code = cli.main(sys.argv[2:])
     rank = dist.get_rank()
@@ -131,25 +131,30 @@ def test_two_processes_train_one_complete_run(tiny, config_file, private_cache, 
     assert done.returncode == 0, printed[-3000:]
     assert "| fold | best epoch |" in printed and "Traceback" not in printed
 
-    for name in ("config.yaml", "run.json", "folds.csv", "oof.csv", "summary.json", "summary.md",
+    for name in ("config.yaml", "run.json", "clips.csv", "oof.csv", "oof.npy", "summary.json", "summary.md",
                  "thresholds.json", "curves.png", "fold0/model.safetensors", "fold0/metrics.csv",
-                 "fold0/checkpoint.safetensors", "fold0/checkpoint.json", "fold0/oof.npy"):
+                 "fold0/checkpoint.safetensors", "fold0/oof.npy"):
         assert (out / name).is_file(), name
-    assert not list(out.rglob("*.tmp"))
-    # Written once, by rank 0: one metrics row an epoch, one folds row a clip.
+    assert sorted(p.name for p in (out / "fold0").iterdir()) == \
+        ["checkpoint.safetensors", "metrics.csv", "model.safetensors", "oof.npy"]
+    assert not list(out.rglob("*.tmp")) and not (out / "skipped.csv").exists()
+    # Written once, by rank 0: one metrics row an epoch, one clips row a clip.
     history = pd.read_csv(out / "fold0" / "metrics.csv")
     assert list(history.epoch) == [1, 2]
     assert np.isfinite(history[["train_loss", "val_loss", "map@3"]].to_numpy()).all()
     assert (out / "fold0" / "metrics.csv").read_text().count("epoch,") == 1
-    folds = pd.read_csv(out / "folds.csv")
-    assert len(folds) == 40 and folds.fname.is_unique
+    assert (out / "clips.csv").read_text().count("fname,") == 1
+    saved = pd.read_csv(out / "clips.csv")
+    assert len(saved) == 40 and saved.fname.is_unique
 
     run = Run.open(out)
     assert run.config.epochs == 2 and run.config.threads == 1 and run.classes == CLASSES
     model = run.load_model(0)
     assert model.head.out_features == 4
     data = datasets.read(tiny).subset("train")
-    assert list(folds.fname) == data.names
+    clips = run.read_clips()
+    assert clips.names == data.names and list(saved.fname) == data.names
+    assert clips.validation(0).sum() == 8 and clips.training(0).sum() == 32
     with torch.inference_mode():
         logits, _ = model(torch.randn(2, 1, 64, 100))
     assert torch.isfinite(logits).all()
@@ -158,7 +163,7 @@ def test_two_processes_train_one_complete_run(tiny, config_file, private_cache, 
 def test_the_ranks_end_with_the_same_weights_and_rank0_saves_them(ranks):
     out, dump = ranks
     rank0, rank1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
-    last = checkpoint.load(out / "fold0" / "checkpoint")
+    last = checkpoint.load(out / "fold0" / "checkpoint.safetensors")
     assert last["progress"]["epoch"] == 2
     # Rank 0 checkpointed exactly the network it ended with.
     assert sorted(last["model"]) == sorted(rank0)

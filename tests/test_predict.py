@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from safetensors.torch import load_file, save_file
 import soxr
 import torch
 import yaml
@@ -28,7 +29,7 @@ from soundtag.outputs import top_k
 from soundtag.predict import TTA, Tagger, combine, ordered_map
 from soundtag.store import one_torch_thread
 from soundtag.task import Task
-from soundtag.run import Run, RunError
+from soundtag.run import Run, RunError, tensors_digest
 
 FPS = 44100 / 512  # frames per second of the default feature config
 
@@ -434,11 +435,42 @@ def _break(run: Path, how: str, dest: Path):
         saved = yaml.safe_load((broken / "config.yaml").read_text())
         saved["features"]["n_mels"] = 128
         (broken / "config.yaml").write_text(yaml.safe_dump(saved))
+    elif how == "unknown model":
+        saved = yaml.safe_load((broken / "config.yaml").read_text())
+        saved["model"]["name"] = "resnet99"
+        (broken / "config.yaml").write_text(yaml.safe_dump(saved))
+    elif how == "invalid yaml":
+        (broken / "config.yaml").write_text("model: [unclosed\n  - {")
+    elif how == "no classes":
+        info = json.loads((broken / "run.json").read_text())
+        del info["classes"]
+        (broken / "run.json").write_text(json.dumps(info))
+    elif how == "invalid json":
+        (broken / "run.json").write_text("{not json")
+    elif how in ("nan weights", "flipped byte", "truncated weights"):
+        _damage(broken / "fold0" / "model.safetensors", how)
     return broken
 
 
+def _damage(path: Path, how: str) -> None:
+    if how == "nan weights":  # a diverged run: NaN weights with a matching checksum
+        tensors = load_file(str(path))
+        tensors["head.weight"][0, 0] = float("nan")
+        save_file(tensors, str(path), metadata={"sha256": tensors_digest(tensors)})
+    elif how == "flipped byte":
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x40
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 BROKEN = {"no weights": "no trained fold", "classes": "weights are for 23 classes but run.json lists 22",
-          "not a run": "not a run folder", "n_mels": "do not fit"}
+          "not a run": "not a run folder", "n_mels": "do not fit",
+          "unknown model": "unknown model 'resnet99'", "invalid yaml": "config.yaml: not valid YAML",
+          "no classes": "run.json: incomplete", "invalid json": "run.json: unreadable",
+          "nan weights": "NaN or inf", "flipped byte": "do not match their checksum",
+          "truncated weights": "unreadable weights"}
 
 
 @pytest.mark.parametrize("how", list(BROKEN))

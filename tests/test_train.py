@@ -9,8 +9,10 @@ well under a minute and a half on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,20 +25,24 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from helpers import DEMO, PNG_MAGIC, error_line
-from soundtag import cli, datasets, models
+from helpers import DEMO, MULTI, PNG_MAGIC, error_line, warm_cache
+from soundtag import checkpoint, cli, datasets, loop, models, task
 from soundtag import store as store_module
 from soundtag import train as training
+from soundtag.clips import ClipTable, noisy_policy
 from soundtag.config import CropConfig, ModelConfig, OptimConfig, TrainConfig, merge, presets, resolve
-from soundtag.errors import ConfigError, DataError
+from soundtag.errors import ConfigError, DataError, SoundtagError
 from soundtag.loader import ClipSet, eval_batches, steps_per_epoch, train_batches
+from soundtag.loop import TrainingDiverged, clip_logits
 from soundtag.optim import build_optimizer, build_schedule
-from soundtag.predict import activate, clip_logits
-from soundtag.run import Run, RunError
+from soundtag.registry import Registry
+from soundtag.run import Run, RunError, tensors_digest
 from soundtag.splits import assign_folds, fold_ids
 from soundtag.store import extract
+from soundtag.task import Task
 
 TINY_MODEL = {"name": "cnn6", "params": {"width": 0.125}}
 # The fast preset (5 folds, fold 0 trained, mixup + SpecAugment) with a tiny network.
@@ -87,11 +93,62 @@ def metric_rows(folder: Path, k: int = 0) -> pd.DataFrame:
     return pd.read_csv(folder / f"fold{k}" / "metrics.csv").drop(columns=["clips_per_s", "seconds"])
 
 
-def read_progress(stem: Path) -> dict:
-    """The `progress` entry of a checkpoint's JSON skeleton."""
-    skeleton = json.loads(stem.with_suffix(".json").read_text())
-    progress = dict(skeleton["__items__"])["progress"]
-    return dict(progress["__items__"])
+def read_progress(path: Path) -> dict:
+    """The `progress` entry of a checkpoint file."""
+    return checkpoint.load(path)["progress"]
+
+
+def train_table(data: Path) -> ClipTable:
+    """A dataset's training split as a clip table."""
+    return ClipTable.from_dataset(datasets.read(data).subset("train"))
+
+
+class InterruptInEpoch(loop.Hook):
+    """Ctrl-C after the first training step of the n-th epoch a call trains
+    (counted over all folds): the model has moved past its last checkpoint."""
+
+    def __init__(self, n: int):
+        self.n, self.finished = n, 0
+
+    def batch_end(self, state, x, logits, loss) -> None:
+        if self.finished + 1 == self.n:
+            raise KeyboardInterrupt
+
+    def epoch_end(self, state, record) -> None:
+        self.finished += 1
+
+
+class PoisonInEpoch(loop.Hook):
+    """Sets every weight to NaN after the first training step of epoch `epoch`."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def batch_end(self, state, x, logits, loss) -> None:
+        if state.epoch + 1 == self.epoch:
+            with torch.no_grad():
+                for parameter in state.model.parameters():
+                    parameter.fill_(float("nan"))
+
+
+class StepsPerFold(loop.Hook):
+    """Records the steps an epoch of each fold takes (batches over its training clips)."""
+
+    def __init__(self):
+        self.steps: dict[int, int] = {}
+
+    def start(self, state) -> None:
+        self.steps[state.fold] = state.steps
+
+
+def assert_same_table(a: ClipTable, b: ClipTable) -> None:
+    """Two clip tables hold the same rows, column by column (and with the same dtypes)."""
+    assert (a.classes, a.multilabel, len(a)) == (b.classes, b.multilabel, len(b))
+    assert a.names == b.names and a.files == b.files and a.train_folds == b.train_folds
+    for name in ("targets", "fold", "weight", "origin"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype.kind == y.dtype.kind and np.array_equal(x, y), name
+    assert a.weight.dtype == b.weight.dtype == np.float32 and a.targets.dtype == b.targets.dtype == np.float32
 
 
 # training sets torch's thread count (config `threads: 1`); the fixture gives the session its own back
@@ -151,8 +208,8 @@ def test_every_preset_resolves_and_validates():
     ({"model": {"params": {"depth": 3}}}, ["depth", "width", "dropout"]),
     ({"augment": [{"name": "wobble"}]}, ["'wobble'", "mixup", "specaugment"]),
     ({"augment": [{"name": "mixup", "beta": 1.0}]}, ["beta", "alpha"]),
-    ({"optim": {"name": "adam"}}, ["'adam'", "adamw, sgd, radam"]),
-    ({"optim": {"schedule": "linear"}}, ["'linear'", "onecycle, cosine, constant"]),
+    ({"optim": {"name": "adam"}}, ["'adam'", "valid optimisers: adamw, radam, sgd"]),
+    ({"optim": {"schedule": "linear"}}, ["'linear'", "valid schedules: constant, cosine, onecycle"]),
     ({"crop": {"pad_mode": "mirror"}}, ["'mirror'", "wrap, constant"]),
     ({"epoch": 3}, ["epoch", "valid:", "epochs", "batch_size", "noisy_weight"]),
     ({"optim": {"lrate": 0.1}}, ["config.optim", "lrate", "lr", "weight_decay"]),
@@ -265,7 +322,7 @@ def test_bad_crop_percentiles_are_a_config_error(crop):
 
 
 def test_single_label_folds_spread_every_class_evenly():
-    data = datasets.read(DEMO).subset("train")
+    data = train_table(DEMO)
     for k in (4, 5):
         folds = assign_folds(data, k, seed=0)
         assert fold_ids(folds) == list(range(k)) and (folds >= 0).all()
@@ -278,11 +335,12 @@ def test_single_label_folds_spread_every_class_evenly():
 
 
 def test_multilabel_folds_balance_positives_and_leave_noisy_clips_out():
-    data = datasets.read(DEMO / "multilabel").subset("train")
-    assert data.noisy.sum() == 80 and (~data.noisy).sum() == 80
+    data = train_table(MULTI)
+    noisy = data.origin == "noisy"
+    assert noisy.sum() == 80 and (data.origin == "curated").sum() == 80
     folds = assign_folds(data, 4, seed=0)
-    assert (folds[data.noisy] == -1).all()
-    curated, targets = folds[~data.noisy], data.targets[~data.noisy]
+    assert (folds[noisy] == -1).all()
+    curated, targets = folds[~noisy], data.targets[~noisy]
     assert sorted(set(curated)) == [0, 1, 2, 3]
     per_fold = np.stack([targets[curated == f].sum(0) for f in range(4)])
     expected = targets.sum(0) / 4
@@ -295,7 +353,7 @@ def test_multilabel_folds_balance_positives_and_leave_noisy_clips_out():
 
 
 def test_too_few_clips_for_the_folds_names_the_classes():
-    multi = datasets.read(DEMO / "multilabel").subset("train")
+    multi = train_table(MULTI)
     with pytest.raises(DataError) as e:
         assign_folds(multi, 5)
     message = str(e.value)
@@ -304,7 +362,7 @@ def test_too_few_clips_for_the_folds_names_the_classes():
         assert name in message
     assert "Harmonica" not in message
 
-    single = datasets.read(DEMO).subset("train")
+    single = train_table(DEMO)
     cello = np.flatnonzero(single.targets[:, single.classes.index("Cello")])
     fewer = single.select(np.setdiff1d(np.arange(len(single)), cello[2:]))
     with pytest.raises(DataError, match=r"1 class\(es\) .* Cello \(2\); use fewer folds"):
@@ -315,13 +373,125 @@ def test_too_few_clips_for_the_folds_names_the_classes():
 def test_own_folds_come_from_the_csv_fold_column(esc):
     data = datasets.read(esc)
     assert data.layout == "csv" and len(data) == 15 and all(f.is_file() for f in data.files)
-    folds = assign_folds(data, "own")
+    folds = assign_folds(ClipTable.from_dataset(data.subset("train")), "own")
     assert (folds == data.fold).all() and fold_ids(folds) == [1, 2, 3, 4, 5]
     for f in range(1, 6):
         assert sorted(np.array(data.classes)[data.targets[folds == f].argmax(1)]) == sorted(data.classes)
-    no_folds = datasets.read(DEMO).subset("train")
+    no_folds = train_table(DEMO)
     with pytest.raises(DataError, match="no fold column; use --folds K"):
         assign_folds(no_folds, "own")
+
+
+# ------------------------------------------------------------------ clip tables
+
+
+def test_clip_table_round_trips(tmp_path):
+    classes = ["Bark", "Meow", "Purr"]
+    table = ClipTable(
+        classes, True,
+        files=["/data/a.wav", "/data/with space/b,c.wav", "/data/\"q\".ogg", "d.wav", "/e.flac", "/f.wav"],
+        names=["0001", "b,c.wav", '"q".ogg', "d.wav", "e.flac", "007"],
+        targets=np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], np.float32),
+        fold=np.array([0, 1, -1, -1, 2, -1]),
+        weight=np.array([1.0, 0.1, 0.25, 1 / 3, 0.7, 2.5], np.float32),
+        origin=np.array(["curated", "unverified", "noisy", "pseudo", "selected", "augmented"]),
+        train_folds=[(), (), (0,), (0, 2), (), (1,)])
+    path = tmp_path / "clips.csv"
+    table.save(path)
+    back = ClipTable.load(path, classes, True)
+    assert_same_table(back, table)  # float32 weights exactly, names like "0001" stay text, empty label sets
+    assert back.fold.dtype == np.int64 and back.labels(1) == ["Bark", "Meow"] and back.labels(2) == []
+    assert back.training(0).tolist() == [False, True, True, True, True, False]
+    assert back.training(1).tolist() == [True, False, False, False, True, True]
+    assert back.validation(2).tolist() == [False, False, False, False, True, False]
+    assert back.held_out_candidates.tolist() == [True, True, False, False, False, False]
+    # select and join keep every column together
+    picked = back.select([5, 2]).join(back.select(np.array([True] + [False] * 5)))
+    assert picked.names == ["007", '"q".ogg', "0001"] and picked.train_folds == [(1,), (0,), ()]
+    assert picked.weight.tolist() == [2.5, 0.25, 1.0] and picked.origin.tolist() == ["augmented", "noisy", "curated"]
+    assert picked.fold.tolist() == [-1, -1, 0] and np.array_equal(picked.targets, table.targets[[5, 2, 0]])
+
+    with pytest.raises(DataError, match=r"row 3 has label 'Meow', not among the run's classes"):
+        ClipTable.load(path, ["Bark", "Purr"], True)
+    pd.read_csv(path).drop(columns="train_folds").to_csv(tmp_path / "old.csv", index=False)
+    with pytest.raises(DataError, match=r"lacks column\(s\) train_folds"):
+        ClipTable.load(tmp_path / "old.csv", classes, True)
+    with pytest.raises(DataError, match="unknown clip origin"):
+        dataclasses.replace(table, origin=np.array(["curated"] * 5 + ["made-up"]))
+
+
+def test_each_fold_can_have_its_own_training_clips(tiny, tmp_path):
+    """Clips for some folds only (e.g. pseudo-labels made by each fold's own model) train only there."""
+    base = train_table(tiny)
+    demo = datasets.read(DEMO).subset("train")
+    others = np.flatnonzero(np.isin(demo.names, base.names, invert=True)
+                            & np.isin(np.array(demo.classes)[demo.targets.argmax(1)], CLASSES4))
+    assert len(others) == 8
+    extra = ClipTable.from_dataset(demo.select(others))
+    extra = dataclasses.replace(  # over the run's class list
+        extra, classes=CLASSES4, targets=extra.targets[:, [demo.classes.index(c) for c in CLASSES4]],
+        origin=np.array(["pseudo"] * 2 + ["selected"] * 6), weight=np.array([1.0] * 2 + [0.5] * 6, np.float32),
+        train_folds=[(0,)] * 2 + [(1, 3)] * 6)
+    assert (extra.targets.sum(1) == 1).all()
+    table = base.join(extra)
+    pseudo, selected = table.origin == "pseudo", table.origin == "selected"
+    assert table.training(0)[pseudo].all() and not table.training(0)[selected].any()
+    assert table.training(1)[selected].all() and not table.training(1)[pseudo].any()
+    assert not table.training(2)[pseudo | selected].any()
+
+    warm_cache(extra.files, tiny_config().features)
+    steps = StepsPerFold()
+    config = tiny_config(epochs=1, batch_size=2, train_folds=[0, 1])
+    run = training.train(table, config, tmp_path / "run", progress=False, hooks=[steps])
+    # 32 clips not held out + 2 for fold 0 only, or + 6 for folds 1 and 3 (40 for both if ignored)
+    assert steps.steps == {0: 17, 1: 19}
+    assert run.trained_folds() == [0, 1] and run.data == {}
+
+    back = run.read_clips()
+    extras = pseudo | selected
+    assert (back.fold[extras] == -1).all() and sorted(set(back.fold[~extras])) == [0, 1, 2, 3, 4]
+    assert_same_table(back, dataclasses.replace(table, fold=back.fold))
+    saved = pd.read_csv(run.folder / "clips.csv", dtype=str, keep_default_na=False)
+    assert list(saved.train_folds) == [""] * 40 + ["0"] * 2 + ["1 3"] * 6
+    assert list(saved.origin[40:]) == ["pseudo"] * 2 + ["selected"] * 6
+    assert list(saved.weight[40:]) == ["1"] * 2 + ["0.5"] * 6
+    for k in range(5):
+        allowed = np.where(pseudo, k == 0, np.where(selected, k in (1, 3), True))
+        assert (back.training(k) == ((back.fold != k) & allowed)).all(), k
+    assert run.summary()["oof_clips"] == 16  # held-out clips of folds 0 and 1, none of them extra
+
+
+def test_noisy_only_training_set(tmp_path):
+    data = datasets.read(MULTI)
+    part = data.subset("train")
+    config = tiny_config(epochs=1, batch_size=32, folds=3, noisy="only", noisy_weight=0.25)
+    warm_cache(part.select(part.noisy).files, config.features)
+    run = training.train(data, config, tmp_path / "run", progress=False)
+
+    table = run.read_clips()
+    assert table.names == list(np.array(part.names)[part.noisy]) and len(table) == 80
+    assert set(table.origin) == {"noisy"} and np.unique(table.weight).size == 1
+    # Their own labels are all there is: the folds are assigned among the noisy clips.
+    assert fold_ids(table.fold) == [0, 1, 2] and (table.fold >= 0).all()
+    sizes = np.bincount(table.fold)
+    assert sizes.max() - sizes.min() <= 3
+    assert np.stack([table.targets[table.fold == k].sum(0) for k in range(3)]).min() >= 1
+    assert table.training(0).sum() == 80 - sizes[0] and table.validation(0).sum() == sizes[0]
+    oof, scores = run.read_oof()
+    assert sorted(oof.fname) == sorted(np.array(table.names)[table.fold == 0]) and scores.shape == (sizes[0], 23)
+    assert run.summary()["oof_clips"] == sizes[0] and list(run.history(0).epoch) == [1]
+
+    # The three policies, on the dataset's table.
+    full = ClipTable.from_dataset(part)
+    noisy = full.origin == "noisy"
+    assert_same_table(noisy_policy(full, "only", 0.25), full.select(noisy))
+    assert_same_table(noisy_policy(full, "exclude", 0.25), full.select(~noisy))
+    included = noisy_policy(full, "include", 0.25)
+    assert included.weight.dtype == np.float32 and (included.weight == np.where(noisy, 0.25, 1.0)).all()
+    with pytest.raises(DataError, match="noisy: only was asked for, but the dataset has no noisy clips"):
+        noisy_policy(full.select(~noisy), "only", 1.0)
+    with pytest.raises(ConfigError, match="unknown noisy 'some'; valid: include, exclude, only"):
+        tiny_config(noisy="some")
 
 
 # ------------------------------------------------------------------ batches
@@ -425,27 +595,42 @@ def test_eval_batches_over_real_clips(tiny_store):
 def test_training_writes_a_complete_run_folder(baseline, tiny_store):
     data, _ = tiny_store
     folder = baseline.folder
-    for name in ("config.yaml", "run.json", "folds.csv", "oof.csv", "summary.json", "summary.md",
+    for name in ("config.yaml", "run.json", "clips.csv", "oof.csv", "oof.npy", "summary.json", "summary.md",
                  "thresholds.json", "curves.png", "fold0/model.safetensors", "fold0/metrics.csv",
-                 "fold0/checkpoint.safetensors", "fold0/checkpoint.json", "fold0/oof.npy"):
+                 "fold0/checkpoint.safetensors", "fold0/oof.npy"):
         assert (folder / name).is_file(), name
+    assert sorted(p.name for p in (folder / "fold0").iterdir()) == \
+        ["checkpoint.safetensors", "metrics.csv", "model.safetensors", "oof.npy"]  # one checkpoint file
+    assert not (folder / "folds.csv").exists() and not (folder / "skipped.csv").exists()
     assert not list(folder.glob("**/*.tmp"))
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["fold0"]
     assert (folder / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert baseline.curves_path == folder / "curves.png"
 
     info = json.loads((folder / "run.json").read_text())
     assert info["classes"] == CLASSES4 and info["multilabel"] is False
     assert info["data"]["layout"] == "kaggle2018"
-    folds = pd.read_csv(folder / "folds.csv")
-    assert list(folds.fname) == data.names and sorted(set(folds.fold)) == [0, 1, 2, 3, 4]
-    val = folds[folds.fold == 0]
-    assert len(val) == 8
+    saved = pd.read_csv(folder / "clips.csv", dtype={"fname": str, "train_folds": str}, keep_default_na=False)
+    assert list(saved.columns) == ["fname", "file", "labels", "fold", "weight", "origin", "train_folds"]
+    assert list(saved.fname) == data.names and list(saved.file) == [str(f) for f in data.files]
+    assert list(saved.labels) == [data.labels(i)[0] for i in range(len(data))]
+    assert (saved.weight == 1.0).all() and (saved.train_folds == "").all()
+    assert list(saved.origin) == ["curated" if v else "unverified" for v in data.verified]
+    assert {"curated", "unverified"} == set(saved.origin)
+    folds = baseline.read_clips()
+    assert folds.names == data.names and sorted(set(folds.fold)) == [0, 1, 2, 3, 4]
+    assert np.array_equal(folds.targets, data.targets) and (folds.fold == saved.fold.to_numpy()).all()
+    val = saved[saved.fold == 0]
+    assert len(val) == 8 and folds.validation(0).sum() == 8 and folds.training(0).sum() == 32
 
     history = pd.read_csv(folder / "fold0" / "metrics.csv")
     assert list(history.columns) == ["epoch", "train_loss", "val_loss", "map@3", "lr", "clips_per_s", "seconds"]
     assert list(history.epoch) == [1, 2, 3]
     assert np.isfinite(history[["train_loss", "val_loss", "map@3"]].to_numpy()).all()
-    assert read_progress(folder / "fold0" / "checkpoint")["epoch"] == 3
+    assert read_progress(folder / "fold0" / "checkpoint.safetensors")["epoch"] == 3
+    last = baseline.load_checkpoint(0)
+    assert sorted(last) == ["model", "optimizer", "progress", "schedule"] and last["progress"]["epoch"] == 3
+    pd.testing.assert_frame_equal(baseline.history(0), history)
 
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["metric"] == "map@3" and summary["oof_clips"] == 8
@@ -466,6 +651,14 @@ def test_training_writes_a_complete_run_folder(baseline, tiny_store):
     thresholds = json.loads((folder / "thresholds.json").read_text())
     assert list(thresholds) == CLASSES4
     assert baseline.thresholds().shape == (4,)
+    # The same through the run's readers: float32 scores, the summary, the fold's best scores.
+    table, scores = baseline.read_oof()
+    assert list(table.columns) == ["fname", "fold", "labels"] and list(table.fname) == list(oof.fname)
+    assert scores.dtype == np.float32 and scores.shape == (8, 4)
+    np.testing.assert_allclose(scores, oof[CLASSES4].to_numpy(), atol=1e-5)
+    assert np.array_equal(np.load(folder / "oof.npy"), scores)
+    assert np.array_equal(baseline.fold_scores(0), scores)  # one trained fold: its scores are the oof ones
+    assert baseline.summary() == summary
 
 
 def test_run_reloads_without_pickles_and_rescores_its_validation_clips(baseline, tiny_store):
@@ -481,10 +674,11 @@ def test_run_reloads_without_pickles_and_rescores_its_validation_clips(baseline,
     assert not model.training and model.head.out_features == 4
     assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
 
-    val = (run.read_folds().fold == 0).to_numpy()
+    val = run.read_clips().validation(0)
     clips = ClipSet(store, np.flatnonzero(val), data.targets[val], np.ones(int(val.sum()), np.float32))
-    scores = activate(clip_logits(model, clips, run.config.batch_size), multilabel=False)
-    again = activate(clip_logits(run.load_models()[0], clips, run.config.batch_size), multilabel=False)
+    assert run.task == Task(False)
+    scores = run.task.activate(clip_logits(model, clips, run.config.batch_size))
+    again = run.task.activate(clip_logits(run.load_models()[0], clips, run.config.batch_size))
     assert np.array_equal(scores, again)
     saved = np.load(folder / "fold0" / "oof.npy", allow_pickle=False)
     np.testing.assert_allclose(scores, saved, atol=1e-5)
@@ -498,18 +692,86 @@ def test_run_reloads_without_pickles_and_rescores_its_validation_clips(baseline,
     assert abs(best.val_loss - cross_entropy) < 1e-3
 
 
+def test_damaged_or_diverged_weights_are_refused(baseline, tmp_path):
+    """Weights carry a checksum of their tensors; a mismatch or NaN/inf is a RunError, not garbage scores."""
+    folder = tmp_path / "run"
+    shutil.copytree(baseline.folder, folder)
+    path = folder / "fold0" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    weights = load_file(str(path))
+    assert set(meta) == {"sha256"} and Run.open(folder).weights(0).keys() == weights.keys()
+    changed = {**weights, "head.bias": weights["head.bias"] + 1e-3}
+    save_file(changed, str(path), metadata=meta)
+    with pytest.raises(RunError, match="do not match their checksum"):
+        Run.open(folder).load_model(0)
+    changed["head.bias"] = torch.full_like(weights["head.bias"], float("nan"))
+    save_file(changed, str(path), metadata={"sha256": tensors_digest(changed)})
+    with pytest.raises(RunError, match=r"NaN or inf \(in head\.bias\)"):
+        Run.open(folder).weights(0)
+
+
 def test_loss_is_weighted_bce_or_softmax_cross_entropy():
     torch.manual_seed(0)
     logits, weights = torch.randn(4, 3), torch.tensor([1.0, 0.5, 0.5, 2.0])
     multi = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=torch.float32)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, multi, reduction="none").mean(1)
-    assert torch.allclose(training._loss(logits, multi, None, True, 0.0), bce.mean())
-    assert torch.allclose(training._loss(logits, multi, weights, True, 0.0), (bce * weights).sum() / weights.sum())
+    multilabel, single_label = Task(True), Task(False)
+    assert torch.allclose(multilabel.loss(logits, multi), bce.mean())
+    assert torch.allclose(multilabel.loss(logits, multi, weights), (bce * weights).sum() / weights.sum())
     single = torch.eye(3)[[0, 2, 1, 2]]
     ce = torch.nn.functional.cross_entropy(logits, single.argmax(1), reduction="none")
-    assert torch.allclose(training._loss(logits, single, weights, False, 0.0), (ce * weights).sum() / weights.sum())
+    assert torch.allclose(single_label.loss(logits, single, weights), (ce * weights).sum() / weights.sum())
     smoothed = torch.nn.functional.cross_entropy(logits, single.argmax(1), label_smoothing=0.1)
-    assert torch.allclose(training._loss(logits, single, None, False, 0.1), smoothed)
+    assert torch.allclose(single_label.loss(logits, single, None, 0.1), smoothed)
+    # Either loss can be named whatever the task; the task's own is the default.
+    assert torch.allclose(single_label.loss(logits, multi, weights, name="bce"),
+                          multilabel.loss(logits, multi, weights))
+    assert torch.allclose(multilabel.loss(logits, single, None, 0.1, "cross_entropy"), smoothed)
+    # Scores: sigmoids for multi-label sets, a softmax otherwise; and the figure that picks the best epoch.
+    assert np.allclose(multilabel.activate(logits.numpy()), torch.sigmoid(logits).numpy())
+    assert np.allclose(single_label.activate(logits.numpy()), torch.softmax(logits, 1).numpy())
+    assert (multilabel.metric, single_label.metric) == ("lwlrap", "map@3")
+
+
+def test_loss_registry_takes_per_clip_weights(tiny, tmp_path, monkeypatch):
+    losses = Registry("loss")  # a copy, so that the test's loss is gone after it
+    for name in task.LOSSES:
+        losses.add(name, task.LOSSES.get(name))
+    monkeypatch.setattr(task, "LOSSES", losses)
+    calls = []
+
+    def scaled_squared(logits, y, smoothing=0.0, scale=1.0):
+        calls.append((tuple(logits.shape), smoothing, scale))
+        return scale * ((torch.softmax(logits, 1) - y) ** 2).sum(1)
+
+    task.LOSSES.add("scaled_squared", scaled_squared)
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 3), torch.eye(3)[[0, 2, 1, 2]]
+    weights = torch.tensor([1.0, 0.5, 0.0, 2.0])
+    per_clip = 3.0 * ((torch.softmax(logits, 1) - y) ** 2).sum(1)
+    loss = Task(False).loss(logits, y, weights, 0.1, "scaled_squared", {"scale": 3.0})
+    assert torch.allclose(loss, (per_clip * weights).sum() / weights.sum())
+    assert not torch.allclose(loss, per_clip.mean())  # the weights matter; a zero weight drops a clip
+    assert calls == [((4, 3), 0.1, 3.0)]
+    assert torch.allclose(Task(True).loss(logits, y, name="scaled_squared"), per_clip.mean() / 3)
+
+    TrainConfig(loss="scaled_squared", loss_params={"scale": 2.0}).validate()
+    with pytest.raises(ConfigError, match=r"unknown loss 'nope'; valid \w+: bce, cross_entropy, scaled_squared$"):
+        TrainConfig(loss="nope").validate()
+    with pytest.raises(ConfigError, match=r"loss 'scaled_squared' got unknown parameter\(s\) power; accepted: scale"):
+        TrainConfig(loss="scaled_squared", loss_params={"power": 2}).validate()
+    with pytest.raises(ConfigError, match="accepted: none"):
+        TrainConfig(loss="bce", loss_params={"gamma": 2.0}).validate()
+    with pytest.raises(ConfigError, match="loss_params given without a loss"):
+        TrainConfig(loss_params={"scale": 2.0}).validate()
+
+    # Training calls the named loss, with its parameters and the config's smoothing, at every step.
+    calls.clear()
+    config = tiny_config(epochs=1, loss="scaled_squared", loss_params={"scale": 2.0}, label_smoothing=0.1)
+    run = training.train(datasets.read(tiny), config, tmp_path / "run", progress=False)
+    assert [c for c in calls if c[0] == (16, 4)] == [((16, 4), 0.1, 2.0)] * 2  # 32 training clips
+    assert Run.open(run.folder).config.loss == "scaled_squared" and run.config.loss_params == {"scale": 2.0}
 
 
 def step_through(config: OptimConfig, total_steps: int) -> float:
@@ -550,42 +812,37 @@ def test_schedules_warm_up_and_anneal():
             assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])) and lrs[-1] < 0.1 * lrs[peak]
 
 
-def test_multilabel_set_trains_with_bce_lwlrap_and_noisy_weight(tmp_path, monkeypatch):
-    full = datasets.read(DEMO / "multilabel")
+def test_multilabel_set_trains_with_bce_lwlrap_and_noisy_weight(tmp_path):
+    full = datasets.read(MULTI)
     keep = (full.split == "train") & (~full.noisy | (np.cumsum(full.noisy) <= 16))
     dataset = full.select(keep)
     config = tiny_config(epochs=1, batch_size=32, folds=3, train_folds=[0], noisy_weight=0.25)
-    captured = {}
-    original = training._train_fold
-
-    def spy(run, k, train_set, val_set, *rest):
-        captured.update(train=train_set, val=val_set)
-        return original(run, k, train_set, val_set, *rest)
-
-    monkeypatch.setattr(training, "_train_fold", spy)
     run = training.train(dataset, config, tmp_path / "run", progress=False)
-    assert run.multilabel and run.metric == "lwlrap"
+    assert run.multilabel and run.metric == "lwlrap" and run.task == Task(True)
 
-    folds = run.read_folds()
-    noisy = folds.fname.str.startswith("n").to_numpy()
-    assert noisy.sum() == 16 and (folds.fold[noisy] == -1).all() and (folds.fold[~noisy] >= 0).all()
-    train_set, val_set = captured["train"], captured["val"]
-    assert sorted(np.unique(train_set.weights)) == [0.25, 1.0]
-    assert (train_set.weights == 0.25).sum() == 16  # every noisy clip trains, down-weighted
-    assert len(val_set) == (folds.fold == 0).sum() and (val_set.weights == 1).all()
+    table = run.read_clips()
+    noisy = np.char.startswith(np.array(table.names), "n")
+    assert list(table.origin) == ["noisy" if n else "curated" for n in noisy]
+    assert noisy.sum() == 16 and (table.fold[noisy] == -1).all() and (table.fold[~noisy] >= 0).all()
+    # The noisy clips' loss weight is part of the saved table.
+    assert table.weight.dtype == np.float32 and (table.weight == np.where(noisy, 0.25, 1.0)).all()
+    train, val = table.training(0), table.validation(0)
+    assert sorted(np.unique(table.weight[train])) == [0.25, 1.0]
+    assert train[noisy].all() and (table.weight[train] == 0.25).sum() == 16  # every noisy clip trains, down-weighted
+    assert not (train & val).any() and (train | val).all() and not val[noisy].any()
 
     history = pd.read_csv(run.folder / "fold0" / "metrics.csv")
     assert "lwlrap" in history.columns and "map@3" not in history.columns and list(history.epoch) == [1]
     summary = json.loads((run.folder / "summary.json").read_text())
     assert summary["metric"] == "lwlrap" and "lwlrap" in summary["folds"]["0"]
-    # Scores are sigmoids (not a softmax) and the validation loss is their binary cross-entropy.
-    scores = np.load(run.folder / "fold0" / "oof.npy")
+    # Scores are sigmoids (not a softmax) and the validation loss is their (unweighted) binary cross-entropy.
+    scores = run.fold_scores(0)
     assert not np.allclose(scores.sum(1), 1.0, atol=1e-2)
-    p, y = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7), val_set.targets
+    p, y = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7), table.targets[val]
     bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
     assert abs(history.val_loss[0] - bce) < 1e-3
     oof = pd.read_csv(run.folder / "oof.csv")
-    assert len(oof) == len(val_set) and not oof.fname.str.startswith("n").any()
+    assert len(oof) == val.sum() and not oof.fname.str.startswith("n").any()
 
 
 def test_existing_run_folder_is_kept_without_force_and_replaced_with_it(tiny, tmp_path):
@@ -616,13 +873,11 @@ def test_bf16_and_memory_format_options_train(tiny, tmp_path, bf16, channels_las
 # ------------------------------------------------------------------ resume
 
 
-def test_resume_after_an_interrupt_matches_the_uninterrupted_run(baseline, tiny, tmp_path, monkeypatch):
+def test_resume_after_an_interrupt_matches_the_uninterrupted_run(baseline, tiny, tmp_path):
     out = tmp_path / "run"
-    interrupt_at_epoch_call(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        training.train(datasets.read(tiny), tiny_config(), out, progress=False)
-    monkeypatch.undo()
-    assert read_progress(out / "fold0" / "checkpoint")["epoch"] == 1
+        training.train(datasets.read(tiny), tiny_config(), out, progress=False, hooks=[InterruptInEpoch(2)])
+    assert read_progress(out / "fold0" / "checkpoint.safetensors")["epoch"] == 1
     assert list(pd.read_csv(out / "fold0" / "metrics.csv").epoch) == [1]
     assert not (out / "summary.json").exists()
 
@@ -630,6 +885,7 @@ def test_resume_after_an_interrupt_matches_the_uninterrupted_run(baseline, tiny,
     assert run.folder == out
     tensors_equal(out / "fold0" / "model.safetensors", baseline.folder / "fold0" / "model.safetensors")
     tensors_equal(out / "fold0" / "checkpoint.safetensors", baseline.folder / "fold0" / "checkpoint.safetensors")
+    assert run.load_checkpoint(0)["progress"] == baseline.load_checkpoint(0)["progress"]
     pd.testing.assert_frame_equal(metric_rows(out), metric_rows(baseline.folder))
     assert np.array_equal(np.load(out / "fold0" / "oof.npy"), np.load(baseline.folder / "fold0" / "oof.npy"))
     assert (out / "summary.json").is_file() and (out / "curves.png").is_file()
@@ -644,16 +900,13 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(baseline, tiny, tmp_
     log = tmp_path / "train.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    stem = out / "fold0" / "checkpoint"
+    saved = out / "fold0" / "checkpoint.safetensors"
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if read_progress(stem)["epoch"] >= 1:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
+            if saved.is_file() and read_progress(saved)["epoch"] >= 1:  # written in one step: whole or absent
+                proc.send_signal(signal.SIGKILL)
+                break
             time.sleep(0.005)
         proc.wait(timeout=30)
     finally:
@@ -661,7 +914,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(baseline, tiny, tmp_
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
-    assert read_progress(stem)["epoch"] < 3 and not (out / "summary.json").exists()
+    assert read_progress(saved)["epoch"] < 3 and not (out / "summary.json").exists()
 
     assert cli.main(["train", "--resume", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -675,7 +928,7 @@ def test_resume_does_not_repeat_metrics_rows(tiny, tmp_path, monkeypatch):
     """Regression: a kill between an epoch's metrics row and its checkpoint repeated the row on resume."""
     out = tmp_path / "run"
     calls = []
-    original = training.checkpoint.save
+    original = Run.save_checkpoint
 
     def killed_before_second_checkpoint(*args, **kwargs):
         calls.append(1)
@@ -683,10 +936,12 @@ def test_resume_does_not_repeat_metrics_rows(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(training.checkpoint, "save", killed_before_second_checkpoint)
+    monkeypatch.setattr(Run, "save_checkpoint", killed_before_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         training.train(datasets.read(tiny), tiny_config(), out, progress=False)
     monkeypatch.undo()
+    assert list(pd.read_csv(out / "fold0" / "metrics.csv").epoch) == [1, 2]  # epoch 2's row, not its checkpoint
+    assert read_progress(out / "fold0" / "checkpoint.safetensors")["epoch"] == 1
     training.resume(out, progress=False)
     assert list(pd.read_csv(out / "fold0" / "metrics.csv").epoch) == [1, 2, 3]
 
@@ -698,41 +953,94 @@ def test_resume_with_an_unreadable_clip_reads_the_same_feature_cache(tiny, tmp_p
     with open(data / "train.csv", "a") as table:
         table.write("broken.ogg,Cello,1\n")
     out = tmp_path / "run"
-    interrupt_at_epoch_call(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        training.train(datasets.read(data), tiny_config(), out, progress=False)
-    monkeypatch.undo()
-    assert "broken.ogg" not in set(Run.open(out).read_folds().fname)
+        training.train(datasets.read(data), tiny_config(), out, progress=False, hooks=[InterruptInEpoch(2)])
+    assert "broken.ogg" not in Run.open(out).read_clips().names
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped.columns) == ["file", "reason"]
+    assert list(skipped.file) == [str(data / "audio_train" / "broken.ogg")]
+    assert skipped.reason[0]
     monkeypatch.setattr(store_module, "compute_all", pytest.fail)  # nothing may be extracted again
     training.resume(out, progress=False)
     assert list(pd.read_csv(out / "fold0" / "metrics.csv").epoch) == [1, 2, 3]
 
-
-def interrupt_at_epoch_call(monkeypatch, n: int) -> None:
-    """Make the n-th `_train_epoch` call of the test raise KeyboardInterrupt (Ctrl-C)."""
-    calls = []
-    original = training._train_epoch
-
-    def maybe_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(training, "_train_epoch", maybe_interrupt)
+    # A clip the run trained on that is gone since: resume names it instead of training without it.
+    gone = Path(Run.open(out).read_clips().files[5])
+    gone.unlink()
+    with pytest.raises(RunError, match=rf"1 training clip\(s\) of the run are gone or no longer readable "
+                                       rf"\(first: {re.escape(str(gone))}: \w"):
+        training.resume(out, progress=False)
 
 
-def test_resume_matches_with_sgd_lookahead_and_cosine(tiny, tmp_path, monkeypatch):
+def test_training_stops_on_a_nan_loss_keeping_the_last_checkpoint(baseline, tiny, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as e:
+        training.train(datasets.read(tiny), tiny_config(), out, progress=False, hooks=[PoisonInEpoch(2)])
+    message = str(e.value)
+    assert isinstance(e.value, SoundtagError) and "\n" not in message
+    assert message.startswith("fold 0 epoch 2: the loss became nan;") and "checkpoint of epoch 1 is kept" in message
+    run = Run.open(out)
+    assert read_progress(out / "fold0" / "checkpoint.safetensors")["epoch"] == 1
+    assert list(run.history(0).epoch) == [1] and not (out / "summary.json").exists()
+    run.load_model(0)  # the best weights so far are finite (NaN weights are refused)
+    # What was kept is sound: resuming it ends exactly where an uninterrupted run does.
+    training.resume(out, progress=False)
+    tensors_equal(out / "fold0" / "model.safetensors", baseline.folder / "fold0" / "model.safetensors")
+    pd.testing.assert_frame_equal(metric_rows(out), metric_rows(baseline.folder))
+
+
+def test_checkpoint_is_one_atomic_file(baseline, tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    fold = out / "fold0"
+    replace, saves = os.replace, []
+
+    def disk_full_at_the_second_checkpoint(src, dst):
+        if Path(dst).name == "checkpoint.safetensors":
+            saves.append(dst)
+            if len(saves) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", disk_full_at_the_second_checkpoint)
+    with pytest.raises(OSError, match="No space left on device"):
+        training.train(datasets.read(tiny), tiny_config(), out, progress=False)
+    monkeypatch.undo()
+    assert len(saves) == 2
+    assert sorted(p.name for p in fold.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint.safetensors", "checkpoint.safetensors.tmp"]
+    assert read_progress(fold / "checkpoint.safetensors")["epoch"] == 1  # the old state, whole
+    assert list(pd.read_csv(fold / "metrics.csv").epoch) == [1, 2]
+
+    training.resume(out, progress=False)
+    tensors_equal(fold / "model.safetensors", baseline.folder / "fold0" / "model.safetensors")
+    tensors_equal(fold / "checkpoint.safetensors", baseline.folder / "fold0" / "checkpoint.safetensors")
+    assert Run.open(out).load_checkpoint(0)["progress"] == baseline.load_checkpoint(0)["progress"]
+    pd.testing.assert_frame_equal(metric_rows(out), metric_rows(baseline.folder))
+    assert not list(out.rglob("*.tmp"))
+
+    # A truncated checkpoint is a one-line error naming the file, not a traceback.
+    whole = (fold / "checkpoint.safetensors").read_bytes()
+    for cut in (7, len(whole) // 2, len(whole) - 1):
+        (fold / "checkpoint.safetensors").write_bytes(whole[:cut])
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            training.resume(out, progress=False)
+        assert isinstance(e.value, SoundtagError) and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"{fold / 'checkpoint.safetensors'}: damaged checkpoint")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out)]) == 2
+    assert "damaged checkpoint" in error_line(capsys)
+
+
+def test_resume_matches_with_sgd_lookahead_and_cosine(tiny, tmp_path):
     config = tiny_config(optim={"name": "sgd", "lookahead": True, "schedule": "cosine", "lr": 0.01})
     whole = training.train(datasets.read(tiny), config, tmp_path / "whole", progress=False)
-    interrupt_at_epoch_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        training.train(datasets.read(tiny), config, tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    assert read_progress(tmp_path / "cut" / "fold0" / "checkpoint")["epoch"] == 2
+        training.train(datasets.read(tiny), config, tmp_path / "cut", progress=False, hooks=[InterruptInEpoch(3)])
+    assert read_progress(tmp_path / "cut" / "fold0" / "checkpoint.safetensors")["epoch"] == 2
     training.resume(tmp_path / "cut", progress=False)
     tensors_equal(tmp_path / "cut" / "fold0" / "checkpoint.safetensors",
                   whole.folder / "fold0" / "checkpoint.safetensors")
+    assert Run.open(tmp_path / "cut").load_checkpoint(0)["progress"] == whole.load_checkpoint(0)["progress"]
     pd.testing.assert_frame_equal(metric_rows(tmp_path / "cut"), metric_rows(whole.folder))
 
 
@@ -758,7 +1066,7 @@ def test_init_keeps_the_backbone_and_replaces_a_head_for_other_classes(baseline)
     source = load_file(str(baseline.folder / "fold0" / "model.safetensors"))
     model = models.create_model("cnn6", 6, n_mels=64, width=0.125)
     fresh_head = model.head.weight.detach().clone()
-    training._load_init(model, baseline.folder, 0, [f"c{i}" for i in range(6)])
+    training.load_init(model, baseline.folder, 0, [f"c{i}" for i in range(6)])
     state = model.state_dict()
     for name, tensor in source.items():
         if not name.startswith("head."):
@@ -766,7 +1074,7 @@ def test_init_keeps_the_backbone_and_replaces_a_head_for_other_classes(baseline)
     assert state["head.weight"].shape == (6, 64) and torch.equal(state["head.weight"], fresh_head)
 
     same = models.create_model("cnn6", 4, n_mels=64, width=0.125)
-    training._load_init(same, baseline.folder, 3, CLASSES4)  # fold 3 untrained: falls back to fold 0
+    training.load_init(same, baseline.folder, 3, CLASSES4)  # fold 3 untrained: falls back to fold 0
     assert all(torch.equal(same.state_dict()[n], t) for n, t in source.items())
 
 
@@ -783,13 +1091,12 @@ def test_init_run_on_other_classes_starts_from_the_source_backbone(baseline, esc
         torch.testing.assert_close(trained[name], source[name], atol=1e-8, rtol=0)
 
 
-def test_resume_of_an_init_run_starts_unfinished_folds_from_the_init_weights(baseline, esc, tmp_path, monkeypatch):
+def test_resume_of_an_init_run_starts_unfinished_folds_from_the_init_weights(baseline, esc, tmp_path):
     config = tiny_config(epochs=1, folds="own", train_folds=[1, 2])
     whole = training.train(datasets.read(esc), config, tmp_path / "whole", init=baseline.folder, progress=False)
-    interrupt_at_epoch_call(monkeypatch, 2)  # Ctrl-C in fold 2's first epoch
-    with pytest.raises(KeyboardInterrupt):
-        training.train(datasets.read(esc), config, tmp_path / "cut", init=baseline.folder, progress=False)
-    monkeypatch.undo()
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in fold 2's first epoch
+        training.train(datasets.read(esc), config, tmp_path / "cut", init=baseline.folder, progress=False,
+                       hooks=[InterruptInEpoch(2)])
     assert Run.open(tmp_path / "cut").trained_folds() == [1]
     training.resume(tmp_path / "cut", progress=False)
     tensors_equal(tmp_path / "cut" / "fold1" / "model.safetensors", whole.folder / "fold1" / "model.safetensors")
@@ -799,7 +1106,7 @@ def test_resume_of_an_init_run_starts_unfinished_folds_from_the_init_weights(bas
 def test_init_from_another_model_family_for_other_classes_is_a_run_error(baseline):
     model = models.create_model("mobilenetv2", 6, n_mels=64, width=0.25)
     with pytest.raises(RunError, match="does not match this config's"):
-        training._load_init(model, baseline.folder, 0, [f"c{i}" for i in range(6)])
+        training.load_init(model, baseline.folder, 0, [f"c{i}" for i in range(6)])
 
 
 @pytest.mark.parametrize("name, params, classes", [
@@ -811,7 +1118,7 @@ def test_init_from_a_model_of_other_shapes_is_a_run_error(baseline, name, params
     """Regression: same-named tensors of other shapes raised torch's RuntimeError, not RunError."""
     model = models.create_model(name, len(classes), n_mels=64, **params)
     with pytest.raises(RunError, match="does not match"):
-        training._load_init(model, baseline.folder, 0, classes)
+        training.load_init(model, baseline.folder, 0, classes)
 
 
 def test_cli_init_from_a_run_of_another_model_is_an_error_message(baseline, esc, tmp_path, tiny_yaml, capsys):
@@ -827,7 +1134,7 @@ def test_cli_init_from_a_run_of_another_model_is_an_error_message(baseline, esc,
 def test_init_from_a_folder_without_weights_is_a_run_error(tmp_path):
     model = models.create_model("cnn6", 4, n_mels=64, width=0.125)
     with pytest.raises(RunError, match="not a run folder"):
-        training._load_init(model, tmp_path, 0, CLASSES4)
+        training.load_init(model, tmp_path, 0, CLASSES4)
 
 
 # ------------------------------------------------------------------ the train command
@@ -846,9 +1153,9 @@ def test_cli_train_with_own_folds_refuses_to_overwrite_and_resumes(esc, tmp_path
     run = Run.open(out)
     assert run.trained_folds() == [2] and run.config.epochs == 1 and run.config.folds == "own"
     assert run.config.model == ModelConfig("cnn6", {**TINY_MODEL["params"], "dropout": 0.2})
-    folds = run.read_folds()
+    folds = run.read_clips()
     own = datasets.read(esc)
-    assert list(folds.fname) == own.names and (folds.fold.to_numpy() == own.fold).all()
+    assert folds.names == own.names and (folds.fold == own.fold).all()
 
     before = (out / "fold2" / "model.safetensors").read_bytes()
     assert cli.main(args) == 2

@@ -77,10 +77,10 @@ class Hook:
 
 
 class Resume(Hook):
-    """Restores the fold's last checkpoint, if any."""
+    """Restores the fold's last checkpoint, if any (the main process trims the metrics log)."""
 
-    def __init__(self, run: Run):
-        self.run = run
+    def __init__(self, run: Run, main: bool = True):
+        self.run, self.main = run, main
 
     def start(self, state: FoldState) -> None:
         saved = self.run.load_checkpoint(state.fold)
@@ -90,7 +90,8 @@ class Resume(Hook):
         state.optimizer.load_state_dict(saved["optimizer"])
         state.schedule.load_state_dict(saved["schedule"])
         state.progress = saved["progress"]
-        self.run.forget_epochs_after(state.fold, state.epoch)
+        if self.main:
+            self.run.forget_epochs_after(state.fold, state.epoch)
 
 
 class BestWeights(Hook):

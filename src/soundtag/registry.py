@@ -22,8 +22,8 @@ class Registry(Generic[T]):
     being there.
     """
 
-    def __init__(self, kind: str, package: str | None = None) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, package: str | None = None, plural: str | None = None) -> None:
+        self.kind, self.plural = kind, plural or f"{kind}s"
         self._package = package
         self._entries: dict[str, T] = {}
 
@@ -46,7 +46,7 @@ class Registry(Generic[T]):
         """The entry called `name`; a `ConfigError` listing the valid names if there is none."""
         self._load()
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .registry import Registry
 
 Loss = Callable[..., torch.Tensor]
-LOSSES: Registry[Loss] = Registry("loss")
+LOSSES: Registry[Loss] = Registry("loss", plural="losses")
 
 
 @LOSSES.register("bce")

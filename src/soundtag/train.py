@@ -117,7 +117,7 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
     steps = steps_per_epoch(epoch_size(train_set, config.epoch_clips), config.batch_size, ctx.world)
     schedule = build_schedule(optimizer, config.optim, steps * config.epochs)
     state = FoldState(k, model, optimizer, schedule, steps)
-    hooks: list[Hook] = [Resume(run), BestWeights(run, ctx.main), EarlyStopping(config.patience)]
+    hooks: list[Hook] = [Resume(run, ctx.main), BestWeights(run, ctx.main), EarlyStopping(config.patience)]
     if ctx.main:
         hooks += [MetricsLog(run), Checkpoint(run)] + ([Printer(run.metric, config.epochs)] if progress else [])
     fit(state, train_set, val_set, config, run.task, ctx, hooks + extra, progress)
