@@ -1,12 +1,21 @@
 """Audio decoding: any supported file to mono float32 at a target rate.
 
 The only module that opens audio files. Every failure is an `AudioError` that
-names the file and says what is wrong with it.
+names the file and says what is wrong with it; damage that still leaves audio
+to use (a cut-off OGG or MP3, digital silence) is a warning naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 import re
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +25,17 @@ import soxr
 
 from .errors import SoundtagError
 
+log = logging.getLogger("soundtag")
+
 # libsndfile's note on a data chunk shorter than its header says
 TRUNCATED = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.M)
+# libsndfile's notes on an Ogg stream that stops short of its last page
+OGG_CUT = re.compile(r"ended unexpectedly|lacks an end-of-stream|Junk after the last page")
+# how mpg123 starts the messages it prints on stderr (they name no file)
+DECODER_LINE = re.compile(r"^(\[\S+\.c:\S+\] |Note: |Warning: |Error: )")
+MPEG_SUFFIXES = {".mp1", ".mp2", ".mp3", ".mpga"}
+SHORT_BY = 0.01  # decoded this fraction short of the header's frame count: a cut-off file
+_stderr = threading.Lock()  # the stderr descriptor is the process's: one captured decode at a time
 
 
 class AudioError(SoundtagError):
@@ -42,28 +60,29 @@ class AudioInfo:
 
 def info(path: str | Path) -> AudioInfo:
     """Read a clip's header without decoding it."""
+    _check_file(path)
     try:
-        i = sf.info(str(path))
+        with _decoder_messages(path):
+            i = sf.info(os.fsencode(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise AudioError(path, _reason(path, e)) from None
+        raise AudioError(path, _reason(e)) from None
     return AudioInfo(i.duration, i.samplerate, i.channels, i.format, i.subtype)
 
 
 def load(path: str | Path, sample_rate: int = 44100, trim_db: float | None = 60.0) -> np.ndarray:
     """Decode `path` to mono float32 at `sample_rate`, trimming leading and
     trailing silence quieter than `trim_db` below the peak (None keeps it)."""
+    _check_file(path)
     try:
-        with sf.SoundFile(str(path)) as f:
-            data, rate, extra = _read(f), f.samplerate, f.extra_info
+        with _decoder_messages(path), sf.SoundFile(os.fsencode(path)) as f:
+            data, rate, extra, promised = _read(f), f.samplerate, f.extra_info, f.frames
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise AudioError(path, _reason(path, e)) from None
-    cut = TRUNCATED.search(extra)
-    if cut:
-        raise AudioError(path, f"truncated: the header promises {cut[1]} bytes of audio, the file holds {cut[2]}")
-    if data.size == 0:
-        raise AudioError(path, "no audio samples (empty or truncated file)")
+        raise AudioError(path, _reason(e)) from None
+    _check_complete(path, data, rate, extra, promised)
     if not np.isfinite(data).all():
         raise AudioError(path, "contains NaN or infinite samples")
+    if not data.any():
+        log.warning("%s: digital silence (every sample is zero)", path)
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if rate != sample_rate:
         wave = soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
@@ -103,13 +122,99 @@ def _read(f: sf.SoundFile) -> np.ndarray:
     return np.multiply(f.read(dtype="int16", always_2d=True), np.float32(1 / 32768), dtype=np.float32)
 
 
-def _reason(path: str | Path, error: Exception) -> str:
+def _check_complete(path: str | Path, data: np.ndarray, rate: int, extra: str, promised: int) -> None:
+    """Fail on a cut-off WAV or a file with no samples; warn on a cut-off stream
+    that still decodes (OGG, MP3), giving what the header promised."""
+    cut = TRUNCATED.search(extra)
+    if cut:
+        raise AudioError(path, f"truncated: the header promises {cut[1]} bytes of audio, the file holds {cut[2]}")
+    ogg_cut = OGG_CUT.search(extra)
+    if data.size == 0:
+        raise AudioError(path, "truncated: the Ogg stream ends early and none of its audio decodes" if ogg_cut
+                         else "no audio samples (empty or truncated file)")
+    if ogg_cut:
+        log.warning("%s: truncated: the Ogg stream stops without its end-of-stream page; %.2f s decoded",
+                    path, len(data) / rate)
+    elif len(data) < promised * (1 - SHORT_BY):
+        log.warning("%s: truncated: the header promises %.2f s, %.2f s decoded", path, promised / rate,
+                    len(data) / rate)
+
+
+def _check_file(path: str | Path) -> None:
+    """Fail on anything but a readable, non-empty regular file, saying what it is."""
     p = Path(path)
-    if not p.exists():
-        return "file not found"
-    if p.is_dir():
-        return "is a directory, not an audio file"
-    if p.stat().st_size == 0:
-        return "empty file (0 bytes)"
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise AudioError(path, _missing(p, e)) from None
+    except ValueError:  # a NUL byte in the name
+        raise AudioError(path, "not a valid file name (it holds a NUL byte)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioError(path, "is a directory, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioError(path, "not a regular file (a pipe, socket or device)")
+    if st.st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    if not os.access(p, os.R_OK):
+        raise AudioError(path, "permission denied (the file is not readable)")
+
+
+def _missing(p: Path, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symlink loop (the link leads back to itself)"
+    if error.errno == errno.EACCES:
+        return "permission denied (a folder on its path is not searchable)"
+    if p.is_symlink():
+        return f"broken symlink (its target {os.readlink(p)} does not exist)"
+    return "file not found"
+
+
+def _reason(error: Exception) -> str:
+    """Why libsndfile could not decode a file that exists and is readable."""
     text = str(error).split(":")[-1].strip() or type(error).__name__
+    if "does not exist or is not a regular file" in text:  # mpg123 found no MPEG frames
+        text = "no decodable MPEG audio frames"
     return f"not readable as audio ({text})"
+
+
+@contextlib.contextmanager
+def _decoder_messages(path: str | Path) -> Iterator[None]:
+    """Log what mpg123 prints on stderr while it reads `path`, naming the file
+    (its own messages name none); other files pass straight through."""
+    if not _is_mpeg(path):
+        yield
+        return
+    with _stderr, tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            _report_decoder(path, sink.read().decode(errors="replace"))
+
+
+def _report_decoder(path: str | Path, text: str) -> None:
+    """Decoder lines become one warning; anything else written meanwhile goes back to stderr."""
+    lines = text.splitlines(keepends=True)
+    said = [line.strip() for line in lines if DECODER_LINE.match(line.strip())]
+    rest = "".join(line for line in lines if not DECODER_LINE.match(line.strip()))
+    if rest:
+        os.write(2, rest.encode())
+    if said:
+        more = f" (and {len(said) - 1} more decoder messages)" if len(said) > 1 else ""
+        log.warning("%s: MP3 decoder: %s%s", path, said[0], more)
+
+
+def _is_mpeg(path: str | Path) -> bool:
+    """Whether libsndfile hands the file to mpg123: an MPEG suffix, an ID3 tag or a frame sync."""
+    if Path(path).suffix.lower() in MPEG_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+    except OSError:
+        return False
+    return head == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)

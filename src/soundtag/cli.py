@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import ConfigError, SoundtagError
@@ -23,6 +26,52 @@ def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
         COMMANDS[name] = (configure, run)
         return run
     return wrap
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one `error:` line and exit status 2, like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def bounded(kind: type[int] | type[float], low: float, high: float,
+            above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` from `low` (excluded when `above`) to `high`."""
+    word = "a whole number" if kind is int else "a number"
+    span = f"above {low:g} and at most {high:g}" if above else f"from {low:g} to {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not ((low < value) if above else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be {word} {span}, not {text!r}")
+        return value
+    return parse
+
+
+SECONDS = bounded(float, 0, 600, above=True)  # crop, tile and window lengths: at most 10 minutes
+THREADS = bounded(int, 0, 1024)
+WORKERS = bounded(int, 1, 1024)
+EPOCHS = bounded(int, 1, 100_000)
+TOP_K = bounded(int, 1, 1000)
+MAX_FOLDS = 100
+MAX_VIEW_SECONDS = 600  # test-time crops of one clip, all lengths and offsets together
+MAX_TILE_OVERLAP = 20  # tiles covering any moment of a clip
+ESCAPED_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def printable(text: str) -> str:
+    """A file name as it can be printed and written to UTF-8 files: bytes that are
+    not UTF-8 (undecodable names) shown as \\xNN escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def one_line(text: str) -> str:
+    """`text` with every line break escaped, so that a message stays one line."""
+    return text.translate(ESCAPED_BREAKS)
 
 
 def add_data_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -58,7 +107,7 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
 def add_cache_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("feature cache")
     g.add_argument("--cache-dir", type=Path, help="cache root (default: $SOUNDTAG_CACHE or ~/.cache/soundtag)")
-    g.add_argument("--workers", type=int, default=None, help="processes computing features (default: all cores)")
+    g.add_argument("--workers", type=WORKERS, default=None, help="processes computing features (default: all cores)")
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type")
 
 
@@ -85,7 +134,7 @@ def feature_config(args: argparse.Namespace):
 
 def print_failures(failures: dict[str, str], limit: int = 20) -> None:
     for path, reason in list(failures.items())[:limit]:
-        print(f"  skipped {path}: {reason}")
+        print(f"  skipped {printable(path)}: {printable(reason)}")
     if len(failures) > limit:
         print(f"  … and {len(failures) - limit} more")
 
@@ -94,7 +143,7 @@ def _inspect_options(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
     p.add_argument("--out", type=Path, help="report folder (default: DATA-report beside the data)")
     p.add_argument("--format", default="md", choices=["md", "html"], help="Markdown or HTML")
-    p.add_argument("--workers", type=int, default=None, help="processes decoding audio")
+    p.add_argument("--workers", type=WORKERS, default=None, help="processes decoding audio")
 
 
 @command("inspect", _inspect_options)
@@ -134,11 +183,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", help="starting recipe: fast, kaggle2018, kaggle2019")
     p.add_argument("--config", type=Path, help="YAML file of options over the preset")
     p.add_argument("--folds", help="K for stratified K-fold (all folds trained), or 'own' for the dataset's folds")
-    p.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--fold", type=bounded(int, 0, MAX_FOLDS - 1), action="append",
+                   help="train only this fold (repeatable)")
+    p.add_argument("--epochs", type=EPOCHS)
+    p.add_argument("--batch-size", type=bounded(int, 1, 4096))
     p.add_argument("--model", help="network name (see the README for the list)")
-    p.add_argument("--threads", type=int, help="torch threads (default: up to 2)")
+    p.add_argument("--threads", type=THREADS, help="torch threads (default: up to 2)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     p.add_argument("--init", type=Path, help="start from this run's weights (head replaced if classes differ)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
@@ -163,9 +213,10 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _whole(text: str, option: str) -> int:
-    if not text.isdigit():
-        raise ConfigError(f"{option} takes a whole number or 'own', not {text!r}")
-    return int(text)
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else 0
+    if not 2 <= value <= MAX_FOLDS:
+        raise ConfigError(f"{option} takes a whole number or 'own' (K from 2 to {MAX_FOLDS}), not {text!r}")
+    return value
 
 
 @command("train", _train_options)
@@ -192,24 +243,37 @@ def train(args: argparse.Namespace) -> int:
 def add_tagger_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tagging")
     g.add_argument("--runs", type=Path, nargs="+", default=[], help="more runs to ensemble with RUN")
-    g.add_argument("--weights", type=float, nargs="+", help="one weight per run (RUN first)")
+    g.add_argument("--weights", type=bounded(float, 0, 1e6), nargs="+", help="one weight per run (RUN first)")
     g.add_argument("--mean", default="arithmetic", help="ensemble mean: arithmetic or geometric")
     g.add_argument("--tta", default="full", help="full (whole clip), crops (lengths × offsets) or tiles")
-    g.add_argument("--tta-lengths", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0],
+    g.add_argument("--tta-lengths", type=SECONDS, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0],
                    help="crop lengths in seconds (crops)")
-    g.add_argument("--tta-offsets", type=int, default=5, help="crops per length (crops)")
-    g.add_argument("--tile", type=float, default=2.0, help="tile length in seconds (tiles)")
-    g.add_argument("--tile-hop", type=float, default=1.0, help="seconds between tiles (tiles)")
+    g.add_argument("--tta-offsets", type=bounded(int, 1, 100), default=5, help="crops per length (crops)")
+    g.add_argument("--tile", type=SECONDS, default=2.0, help="tile length in seconds (tiles)")
+    g.add_argument("--tile-hop", type=SECONDS, default=1.0, help="seconds between tiles (tiles)")
     g.add_argument("--backend", default="torch", help="torch, or onnx (after `soundtag export`)")
-    g.add_argument("--threads", type=int, default=0,
+    g.add_argument("--threads", type=THREADS, default=0,
                    help="batches scored (and, by default, clips decoded) at once, each on one thread "
                         "(default: all cores)")
+
+
+def check_views(args: argparse.Namespace) -> None:
+    """Bound what the test-time views of one clip hold, before any audio is read."""
+    crops = args.tta_offsets * sum(args.tta_lengths)
+    if args.tta == "crops" and crops > MAX_VIEW_SECONDS:
+        raise ConfigError(f"--tta-offsets × the sum of --tta-lengths is {crops:g} s of crops a clip; "
+                          f"keep it at most {MAX_VIEW_SECONDS} s")
+    if args.tta == "tiles" and args.tile > MAX_TILE_OVERLAP * args.tile_hop:
+        raise ConfigError(f"--tile {args.tile:g} s every --tile-hop {args.tile_hop:g} s scores each moment "
+                          f"{args.tile / args.tile_hop:.0f} times; keep --tile-hop at least "
+                          f"--tile / {MAX_TILE_OVERLAP}")
 
 
 def load_tagger(args: argparse.Namespace):
     import torch
 
     from .predict import TTA, Tagger
+    check_views(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # also caps torch outside the tagger (timeline features)
     tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean)
@@ -251,17 +315,27 @@ def _fmt(value: float | None) -> str:
 
 
 def audio_inputs(target: Path) -> tuple[list[Path], list[str]]:
-    """Files to tag from a folder (recursively) or a CSV with an fname column."""
+    """Files to tag from a folder (recursively) or a CSV with an fname column, and
+    their names as written to the output (undecodable bytes escaped); a source
+    with no audio to tag is a `ConfigError`."""
     from .datasets.folders import AUDIO_SUFFIXES
     from .datasets.table import Table
+    if not target.exists():
+        raise ConfigError(f"{target}: no such file or folder")
     if target.is_dir():
         files = sorted(f for f in target.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
-        return files, [str(f.relative_to(target)) for f in files]
+        if not files:
+            raise ConfigError(f"{target}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder "
+                              "or below")
+        return files, [printable(str(f.relative_to(target))) for f in files]
     if target.suffix.lower() == ".csv":
         table = Table(target, [])
         column = table.pick(("fname", "filename", "file", "path"), "file")
         names = [row[column] for _, row in table.rows]
-        return [target.parent / n for n in names], names
+        files = [target.parent / n for n in names]
+        if not any(f.exists() for f in files):
+            raise ConfigError(f"{target}: none of its {len(files)} files exist under {target.parent}")
+        return files, names
     raise ConfigError(f"{target}: expected a folder of audio files or a CSV with an fname column")
 
 
@@ -270,8 +344,8 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", type=Path, help="folder of audio files, or a CSV of file names")
     p.add_argument("--out", type=Path, required=True, help="file to write")
     p.add_argument("--format", default="csv", help="kaggle2018, kaggle2019, csv, json or tags (thresholded)")
-    p.add_argument("--top-k", type=int, default=3, help="tags per file (csv, json)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--top-k", type=TOP_K, default=3, help="tags per file (csv, json)")
+    p.add_argument("--workers", type=WORKERS, default=None,
                    help="threads computing features ahead of the networks (default: --threads)")
     add_tagger_options(p)
 
@@ -295,10 +369,11 @@ def predict(args: argparse.Namespace) -> int:
 def _tag_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("files", type=Path, nargs="+", help="audio files")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--long", type=float, default=30.0, help="files longer than this (s) get a timeline")
-    p.add_argument("--window", type=float, default=2.0, help="timeline window (s)")
-    p.add_argument("--hop", type=float, default=1.0, help="timeline hop (s)")
+    p.add_argument("--top-k", type=TOP_K, default=3)
+    p.add_argument("--long", type=bounded(float, 0, 1e9), default=30.0,
+                   help="files longer than this (s) get a timeline")
+    p.add_argument("--window", type=SECONDS, default=2.0, help="timeline window (s)")
+    p.add_argument("--hop", type=SECONDS, default=1.0, help="timeline hop (s)")
     p.add_argument("--out", type=Path, default=Path("timelines"), help="folder for timelines")
     add_tagger_options(p)
 
@@ -341,8 +416,8 @@ def _thresholds(tagger) -> float | object:
 def _stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", type=Path, nargs="+", help="runs trained on the same clips")
     p.add_argument("--out", type=Path, required=True, help="stack folder to write")
-    p.add_argument("--hidden", type=int, default=256, help="hidden units of the MLP")
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--hidden", type=bounded(int, 1, 65536), default=256, help="hidden units of the MLP")
+    p.add_argument("--epochs", type=EPOCHS, default=300)
 
 
 @command("stack", _stack_options)
@@ -372,7 +447,7 @@ def export(args: argparse.Namespace) -> int:
 def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for the run and plots")
     p.add_argument("--data", type=Path, help="demo data (default: the bundled set)")
-    p.add_argument("--epochs", type=int, help="override the fast preset's epochs")
+    p.add_argument("--epochs", type=EPOCHS, help="override the fast preset's epochs")
     add_cache_options(p)
 
 
@@ -385,7 +460,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soundtag", description="Train audio taggers and tag audio.")
+    parser = _Parser(prog="soundtag", description="Train audio taggers and tag audio.")
     parser.add_argument("--version", action="version", version=f"soundtag {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors, no warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -399,10 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="warning: %(message)s")
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a file name that is not UTF-8 prints escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return args.handler(args)
     except SoundtagError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a new run resumes it", file=sys.stderr)

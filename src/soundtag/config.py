@@ -7,7 +7,11 @@ checked before any training starts, and saved in the run folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +24,11 @@ from .features import FeatureConfig
 
 if TYPE_CHECKING:
     import torch
+
+LARGEST = 2**63 - 1  # whole numbers in a config fit 64 bits
+TYPE_WORDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string",
+              type(None): "null"}
+
 
 @dataclass
 class ModelConfig:
@@ -115,24 +124,67 @@ def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _build(cls: type, data: dict[str, Any], where: str):
-    """Instantiate dataclass `cls` from nested dicts, rejecting unknown keys."""
+    """Instantiate dataclass `cls` from nested dicts, rejecting unknown keys and
+    values that do not match their field's annotation; `where` names the source."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+        raise ConfigError(f"{where}: expected a mapping of options, not {_shown(data)}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(k if isinstance(k, str) and k.isprintable() else repr(k) for k in data if k not in hints)
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(hints))}")
     values = {}
     for name, value in data.items():
-        nested = _nested_type(known[name].type)
-        values[name] = _build(nested, value, f"{where}.{name}") if nested and isinstance(value, dict) else value
-    return cls(**values)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            value = _build(hint, value, f"{where}.{name}")
+        elif not _matches(value, hint):
+            raise ConfigError(f"{where}.{name} must be {_describe(hint)}, not {_shown(value)}")
+        values[name] = value
+    try:
+        return cls(**values)
+    except ConfigError as e:  # a nested section's own checks (FeatureConfig)
+        raise ConfigError(f"{where}: {e}") from None
 
 
-def _nested_type(annotation: Any) -> type | None:
-    names = {"FeatureConfig": FeatureConfig, "ModelConfig": ModelConfig,
-             "CropConfig": CropConfig, "OptimConfig": OptimConfig}
-    return names.get(str(annotation))
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` (as YAML loads it) fits a field annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1])
+                                               for k, v in value.items())
+    if hint is int:
+        return type(value) is int and -LARGEST <= value <= LARGEST
+    if hint is float:
+        return (type(value) is int and -LARGEST <= value <= LARGEST
+                or type(value) is float and math.isfinite(value))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of items each {_describe(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return TYPE_WORDS.get(hint, hint.__name__)
+
+
+def _shown(value: Any) -> str:
+    """A short one-line rendering of a value from a config."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 2, 4, 4, 40, 40
+    try:
+        return short.repr(value)
+    except ValueError:  # an int too long to print
+        return f"a {type(value).__name__} too large to print"
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -152,14 +204,26 @@ def presets() -> list[str]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's mapping of options; unreadable, non-UTF-8 or malformed files
+    are a one-line `ConfigError` naming the file and the line."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text; save the file as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of options")
+        raise ConfigError(f"{path}: expected a mapping of options, not {_shown(data)}")
     return data
 
 
@@ -173,6 +237,7 @@ def resolve(preset: str | None = "fast", file: str | Path | None = None,
         data = yaml.safe_load(resources.files("soundtag.presets").joinpath(f"{preset}.yaml").read_text())
     if file:
         data = merge(data, load_yaml(file))
+        _build(TrainConfig, data, f"{file}: config")  # so that a wrong value names the file
     data = merge(data, overrides or {})
     config = TrainConfig.from_dict(data)
     config.validate()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
@@ -23,6 +24,8 @@ from .errors import ConfigError
 
 KINDS = ("logmel", "mfcc")
 AMIN = 1e-10
+# beyond these, one clip's spectrogram or the mel filters take gigabytes
+LIMITS = {"sample_rate": 768_000, "n_fft": 65_536, "hop_length": 65_536, "n_mels": 1024}
 
 
 @dataclass(frozen=True)
@@ -45,16 +48,23 @@ class FeatureConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown feature kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0 or self.sample_rate <= 0:
-            raise ConfigError("sample_rate, n_fft, hop_length and n_mels must be positive")
+        for name, largest in LIMITS.items():
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, not {value}")
+            if value > largest:
+                raise ConfigError(f"{name} must be at most {largest}, not {value}")
         if self.win_length is not None and not 0 < self.win_length <= self.n_fft:
             raise ConfigError(f"win_length must be between 1 and n_fft ({self.n_fft}), not {self.win_length}")
         nyquist = self.sample_rate / 2
         if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
             raise ConfigError(f"need 0 ≤ fmin < fmax ≤ sample_rate/2 ({nyquist:g}); got fmin {self.fmin}, "
                               f"fmax {self.fmax}")
-        if self.top_db is not None and self.top_db <= 0:
-            raise ConfigError(f"top_db must be positive (or None), not {self.top_db}")
+        if self.top_db is not None and not 0 < self.top_db < math.inf:
+            raise ConfigError(f"top_db must be a positive number of dB (or None), not {self.top_db}")
+        if self.trim_db is not None and not 0 < self.trim_db < math.inf:
+            raise ConfigError(f"trim_db (--trim-db) must be a positive number of dB below the peak, not "
+                              f"{self.trim_db} (None, or --no-trim, keeps the silence)")
         if self.kind == "mfcc" and not 0 < self.n_mfcc <= self.n_mels:
             raise ConfigError(f"n_mfcc must be between 1 and n_mels ({self.n_mels})")
         try:

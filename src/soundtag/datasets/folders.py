@@ -3,10 +3,14 @@ holds a test split (so no class can be called "test")."""
 
 from __future__ import annotations
 
+import logging
+import stat
 from pathlib import Path
 
 from ..errors import DataError
 from .base import Dataset, build
+
+log = logging.getLogger("soundtag")
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".opus"}
 
@@ -34,6 +38,20 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _rows(root: Path, split: str) -> list[dict]:
+    """Every entry named like audio, files or not: a folder, a broken link or a
+    symlink loop called `x.wav` is then skipped with its reason, not silently.
+    A pipe, socket or device is left out with a warning (reading it could block)."""
     return [{"file": f, "name": f"{d.name}/{f.name}", "labels": [d.name], "split": split}
             for d in _class_dirs(root) for f in sorted(d.iterdir())
-            if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES]
+            if f.suffix.lower() in AUDIO_SUFFIXES and not _special(f)]
+
+
+def _special(path: Path) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing or looping: listed, and reported as unreadable
+        return False
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return False
+    log.warning("%s: not a regular file (a pipe, socket or device); left out", path)
+    return True
