@@ -76,17 +76,35 @@ class Tagger:
     def score_clips(self, clips: Sequence[Clip], progress: bool = False) -> np.ndarray:
         return self.score(clips, progress)[0]
 
-    def decode(self, path: str | Path) -> tuple[float, Clip, Clip]:
+    def score_each(self, clips: Sequence[Clip]) -> tuple[np.ndarray, np.ndarray]:
+        """Like `score`, but each clip scored at its own length (only clips of equal
+        length share a batch), so that a clip's scores never depend on the others."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(tuple(spec.shape[1] for spec in clip.values()), []).append(i)
+        scores = np.zeros((len(clips), len(self.classes)), np.float32)
+        embeddings: np.ndarray | None = None
+        with one_torch_thread():
+            scored = ordered_map(lambda rows: (rows, *self.scorer.score([clips[i] for i in rows])),
+                                 groups.values(), self.threads)
+            for rows, s, e in scored:
+                if embeddings is None:
+                    embeddings = np.zeros((len(clips), e.shape[1]), np.float32)
+                scores[rows], embeddings[rows] = s, e
+        return scores, embeddings if embeddings is not None else np.zeros((0, 0), np.float32)
+
+    def decode(self, path: str | Path, whole: bool = True) -> tuple[float, Clip, Clip]:
         """A file decoded once per sample rate: its duration, its features as
-        trained (trimmed) and untrimmed (for timelines)."""
+        trained (trimmed) and untrimmed (for timelines; empty unless `whole`)."""
         waves = {rate: audio.load(path, rate, None) for rate in {c.sample_rate for c in self.feature_configs}}
-        trimmed, whole = {}, {}
+        trimmed, untrimmed = {}, {}
         for c in self.feature_configs:
             wave = waves[c.sample_rate]
             trimmed[c] = features.compute(audio.trim(wave, c.trim_db) if c.trim_db is not None else wave, c)
-            whole[c] = trimmed[c] if c.trim_db is None else features.compute(wave, c)
+            if whole:
+                untrimmed[c] = trimmed[c] if c.trim_db is None else features.compute(wave, c)
         first = self.feature_configs[0]
-        return len(waves[first.sample_rate]) / first.sample_rate, trimmed, whole
+        return len(waves[first.sample_rate]) / first.sample_rate, trimmed, untrimmed
 
     def tag(self, path: str | Path, long: float = 30.0, window: float = 2.0, hop: float = 1.0) -> TagResult:
         """One file's tags; files longer than `long` seconds also get a timeline."""

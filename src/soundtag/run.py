@@ -12,6 +12,7 @@ written here, and nowhere else.
     RUN/oof.npy, oof.csv            out-of-fold scores of every held-out clip (float32; text for people)
     RUN/thresholds.json, summary.json, summary.md, curves.png
     RUN/onnx/fold<k>.onnx           exported networks
+    RUN/onnx/int8-fold<k>.onnx      the same quantised to int8 (export --int8)
 """
 
 from __future__ import annotations
@@ -281,6 +282,13 @@ class Run:
 
     def onnx_paths(self) -> list[Path]:
         return sorted(self.folder.glob("onnx/fold*.onnx"))
+
+    def onnx_int8_path(self, k: int) -> Path:
+        """Fold k's network quantised to int8, beside the float export."""
+        return self.onnx_path(k).with_name(f"int8-fold{k}.onnx")
+
+    def onnx_int8_paths(self) -> list[Path]:
+        return sorted(self.folder.glob("onnx/int8-fold*.onnx"))
 
     def eval_dir(self, split: str) -> Path:
         return eval_folder(self.folder, split)

@@ -133,6 +133,15 @@ def onnx_networks(run: Run) -> list[Network]:
     return [onnx_network(p) for p in paths]
 
 
+@BACKENDS.register("onnx-int8")
+def onnx_int8_networks(run: Run) -> list[Network]:
+    paths = run.onnx_int8_paths()
+    if not paths:
+        raise RunError(f"{run.folder}: no int8 ONNX export; run `soundtag export {run.folder} --format onnx --int8` "
+                       "first")
+    return [onnx_network(p) for p in paths]
+
+
 def networks(run: Run, backend: str) -> list[Network]:
     return BACKENDS.get(backend)(run)
 
