@@ -251,7 +251,8 @@ def add_tagger_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta-offsets", type=bounded(int, 1, 100), default=5, help="crops per length (crops)")
     g.add_argument("--tile", type=SECONDS, default=2.0, help="tile length in seconds (tiles)")
     g.add_argument("--tile-hop", type=SECONDS, default=1.0, help="seconds between tiles (tiles)")
-    g.add_argument("--backend", default="torch", help="torch, or onnx (after `soundtag export`)")
+    g.add_argument("--backend", default="torch",
+                   help="torch, onnx or onnx-int8 (after `soundtag export`, with --int8 for onnx-int8)")
     g.add_argument("--threads", type=THREADS, default=0,
                    help="batches scored (and, by default, clips decoded) at once, each on one thread "
                         "(default: all cores)")
@@ -433,13 +434,15 @@ def stack(args: argparse.Namespace) -> int:
 def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--format", default="onnx", help="onnx")
+    p.add_argument("--int8", action="store_true",
+                   help="also write int8-quantised networks (calibrated on the run's training clips)")
 
 
 @command("export", _export_options)
 def export(args: argparse.Namespace) -> int:
     """Write the run's networks as ONNX (front end parameters saved beside them)."""
     from .export import export as run_export
-    paths = run_export(args.run, args.format)
+    paths = run_export(args.run, args.format, int8=args.int8)
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -456,6 +459,108 @@ def demo(args: argparse.Namespace) -> int:
     """Train the fast preset on the bundled demo set, evaluate it and tag held-out clips."""
     from .demo import run_demo
     run_demo(args.out, args.data, args.cache_dir, args.epochs)
+    return 0
+
+
+def _index_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run (or stack) folder that tags the files")
+    p.add_argument("folder", type=Path, help="folder of audio files, searched recursively")
+    p.add_argument("--db", type=Path, required=True, help="library file (SQLite; created if missing)")
+    p.add_argument("--runs", type=Path, nargs="+", default=[], help="more runs to ensemble with RUN")
+    p.add_argument("--backend", default="auto", help="auto (onnx when exported, else torch), torch, onnx, onnx-int8")
+    p.add_argument("--threads", type=THREADS, default=0, help="files decoded and batches scored at once")
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="this machine, or a Ray cluster")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+
+
+@command("index", _index_options)
+def index(args: argparse.Namespace) -> int:
+    """Tag every audio file under FOLDER into a library: new and changed files scored, removed ones pruned."""
+    from .library import Library
+    report = Library.index(args.db, [args.run, *args.runs], args.folder, args.backend, args.threads,
+                           args.engine, args.address)
+    print(f"{args.db}: {report.summary()}")
+    print_failures(report.failed)
+    return 0
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("label", help="a label of the library's model")
+    p.add_argument("--db", type=Path, required=True, help="library file")
+    p.add_argument("--min-score", type=bounded(float, 0, 1), default=0.0, help="lowest score listed")
+    p.add_argument("--limit", type=TOP_K, default=20, help="files listed")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+
+@command("search", _search_options)
+def search(args: argparse.Namespace) -> int:
+    """List the library's files tagged LABEL, best score first."""
+    from .library import Library
+    with Library(args.db) as library:
+        hits = library.search(args.label, args.min_score, args.limit)
+    print_hits(hits, args.json, {"label": args.label})
+    return 0
+
+
+def _similar_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="a library id, or an audio file (embedded on the fly if not in the library)")
+    p.add_argument("--db", type=Path, required=True, help="library file")
+    p.add_argument("-k", type=TOP_K, default=10, help="files listed")
+    p.add_argument("--approx", action="store_true", help="approximate (HNSW) index, for millions of files")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+
+@command("similar", _similar_options)
+def similar(args: argparse.Namespace) -> int:
+    """List the library's files that sound most like QUERY (cosine similarity of embeddings)."""
+    from .library import Library
+    with Library(args.db) as library:
+        hits = library.similar(args.query, args.k, args.approx)
+    print_hits(hits, args.json, {"query": args.query})
+    return 0
+
+
+def print_hits(hits, as_json: bool, about: dict) -> None:
+    if as_json:
+        print(json.dumps({**about, "results": [h.to_dict() for h in hits]}))
+        return
+    for h in hits:
+        print(f"{h.score:.3f}  [{h.id}] {printable(h.name)}")
+    if not hits:
+        print("no matching files")
+
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run (or stack) folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SOUNDTAG_API_KEY"),
+                   help="key every /v1 request must send (X-API-Key); default $SOUNDTAG_API_KEY, else none")
+    p.add_argument("--db", type=Path, help="a library to browse and search (soundtag index)")
+    p.add_argument("--backend", default="auto", help="auto (onnx when exported, else torch), torch, onnx, onnx-int8")
+    p.add_argument("--threads", type=THREADS, default=0, help="decoding threads and batches scored at once")
+    p.add_argument("--max-batch", type=bounded(int, 1, 1024), default=16, help="requests scored together (1: off)")
+    p.add_argument("--max-wait-ms", type=bounded(float, 0, 1000), default=5.0,
+                   help="how long a request waits for others to share its batch")
+    p.add_argument("--max-upload-mb", type=bounded(float, 0, 4096, above=True), default=50.0)
+    p.add_argument("--max-duration", type=SECONDS, default=600.0, help="longest audio accepted (s)")
+    p.add_argument("--timeout", type=bounded(float, 0, 3600, above=True), default=30.0, help="per request (s)")
+    p.add_argument("--max-concurrency", type=bounded(int, 1, 10_000), default=64,
+                   help="requests in progress at once; more get 503")
+    p.add_argument("--long", type=bounded(float, 0, 1e9), default=30.0, help="longer audio gets segments (s)")
+    p.add_argument("--window", type=SECONDS, default=2.0, help="segment window (s)")
+    p.add_argument("--hop", type=SECONDS, default=1.0, help="segment hop (s)")
+
+
+@command("serve", _serve_options)
+def serve(args: argparse.Namespace) -> int:
+    """Serve the tagger over HTTP (JSON API, OpenAPI docs at /docs) with a web page at /."""
+    from .server import Settings, serve as run_server
+    settings = Settings(max_upload_bytes=int(args.max_upload_mb * 2**20), max_duration=args.max_duration,
+                        timeout=args.timeout, max_concurrency=args.max_concurrency, api_key=args.api_key,
+                        max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, long=args.long,
+                        window=args.window, hop=args.hop, threads=args.threads)
+    run_server(args.run, settings, args.host, args.port, args.backend, args.db)
     return 0
 
 
