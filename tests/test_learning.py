@@ -86,3 +86,22 @@ def test_the_held_out_fold_never_reaches_training(learned):
     held = clips.validation(0)
     assert held.any() and not (clips.training(0) & held).any()
     assert np.isin(clips.origin[held], ["curated", "unverified"]).all()
+
+
+@pytest.mark.parametrize("selection", ["inner", "last"])
+def test_the_scoring_fold_never_reaches_model_selection(tmp_path, selection):
+    """Scrambling the held-out fold's labels changes nothing but its figures."""
+    table = ClipTable.from_dataset(datasets.read(DEMO).subset("train"))
+    table.fold = np.arange(len(table)) % 4
+    held = np.flatnonzero(table.fold == 0)
+    scrambled = dataclasses.replace(table, targets=table.targets.copy())
+    scrambled.targets[held] = np.roll(table.targets[held], 1, axis=1)
+    cfg = config.resolve("fast", overrides=config.merge(TINY, {
+        "epochs": 2, "epoch_clips": 48, "folds": "own", "train_folds": [0], "selection": selection}))
+    runs = [train.train(t, cfg, tmp_path / name, progress=False)
+            for name, t in (("plain", table), ("scrambled", scrambled))]
+    first, second = (r.weights(0) for r in runs)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    watched = ["train_loss", "val_loss", "map@3"] if selection == "inner" else ["train_loss"]  # last: monitored only
+    assert runs[0].history(0)[watched].equals(runs[1].history(0)[watched])
+    assert runs[0].summary()["folds"]["0"]["map@3"] != runs[1].summary()["folds"]["0"]["map@3"]
