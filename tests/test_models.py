@@ -12,20 +12,33 @@ import torch
 from soundtag.errors import ConfigError
 from soundtag.models import MODELS, create_model, model_names
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 NAMES = model_names()
 SMALL = {"width": 0.25}
 NUM_CLASSES = 7
+FRAMES = (1, 2, 8, 37, 173, 500)  # a waveform model reads these as samples, and 20000 more
+
+
+def waveform_model(name: str) -> bool:
+    return getattr(MODELS.get(name), "INPUT", "spectrogram") == "waveform"
 
 
 def logmel(batch: int, n_mels: int, frames: int, seed: int = 0) -> torch.Tensor:
-    """Random input in the log-mel dB range (-100..+40)."""
+    """Random input in the log-mel dB range (-100..+40), or samples in [-1, 1] for one row."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 1, n_mels, frames, generator=gen) * 140 - 100
+    x = torch.rand(batch, 1, n_mels, frames, generator=gen)
+    return x * 2 - 1 if n_mels == 1 else x * 140 - 100
+
+
+def rows(name: str, n_mels: int = 64) -> int:
+    """Feature rows of a model's input: the mel bands, or 1 for the waveform."""
+    return 1 if waveform_model(name) else n_mels
 
 
 def small_model(name: str, n_mels: int = 64) -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_model(name, NUM_CLASSES, n_mels=n_mels, **SMALL)
+    return create_model(name, NUM_CLASSES, n_mels=rows(name, n_mels), **SMALL)
 
 
 def calibrated(model: torch.nn.Module, n_mels: int = 64) -> torch.nn.Module:
@@ -33,12 +46,13 @@ def calibrated(model: torch.nn.Module, n_mels: int = 64) -> torch.nn.Module:
     model.train()
     with torch.no_grad():
         for seed in range(3):
-            model(logmel(4, n_mels, 64, seed))
+            model(logmel(4, n_mels, 64 if n_mels > 1 else 4096, seed))
     return model.eval()
 
 
 def test_registry_lists_all_families() -> None:
-    assert set(NAMES) >= {"vgg", "cnn6", "cnn10", "mobilenetv2", "resnet"}  # found without a list
+    assert set(NAMES) >= {"vgg", "cnn6", "cnn10", "mobilenetv2", "resnet", "xresnet", "auxcnn",
+                          "wavecnn"}  # found without a list
     assert NAMES == sorted(NAMES)
 
 
@@ -88,8 +102,8 @@ def test_unknown_param(name: str) -> None:
 def test_shapes_and_finite(name: str, n_mels: int) -> None:
     model = small_model(name, n_mels).eval()
     with torch.no_grad():
-        for frames in (8, 37, 173, 500):
-            logits, emb = model(logmel(2, n_mels, frames))
+        for frames in FRAMES + ((20000,) if waveform_model(name) else ()):
+            logits, emb = model(logmel(2, rows(name, n_mels), frames))
             assert logits.shape == (2, NUM_CLASSES)
             assert emb.ndim == 2 and emb.shape[0] == 2
             assert model.head.in_features == emb.shape[1]
@@ -99,19 +113,19 @@ def test_shapes_and_finite(name: str, n_mels: int) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_flow(name: str) -> None:
     model = small_model(name).train()
-    logits, _ = model(logmel(2, 64, 37))
-    logits.sum().backward()
+    logits, _, *extra = model(logmel(2, rows(name), 37))
+    (logits.sum() + sum(w * aux.sum() for w, aux in (extra[0] if extra else []))).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
     assert model.head.weight.grad.abs().sum() > 0
-    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
     assert first_conv.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_is_deterministic(name: str) -> None:
-    model = calibrated(small_model(name))
-    x = logmel(3, 64, 61)
+    model = calibrated(small_model(name), rows(name))
+    x = logmel(3, rows(name), 61)
     with torch.no_grad():
         first, second = model(x), model(x)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -119,8 +133,8 @@ def test_eval_is_deterministic(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_channels_last_and_bf16_autocast(name: str) -> None:
-    model = calibrated(small_model(name)).to(memory_format=torch.channels_last)
-    x = logmel(2, 64, 45).to(memory_format=torch.channels_last)
+    model = calibrated(small_model(name), rows(name)).to(memory_format=torch.channels_last)
+    x = logmel(2, rows(name), 45).to(memory_format=torch.channels_last)
     with torch.no_grad():
         ref, _ = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -135,16 +149,16 @@ def test_channels_last_and_bf16_autocast(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_export_dynamic_frames(name: str, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    model = calibrated(small_model(name))
+    model = calibrated(small_model(name), rows(name))
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(
-        model, (logmel(1, 64, 100),), str(path), dynamo=False,
+        model, (logmel(1, rows(name), 100),), str(path), dynamo=False,
         input_names=["logmel"], output_names=["logits", "embedding"],
         dynamic_axes={"logmel": {0: "batch", 3: "frames"}},
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for frames in (37, 9):
-        x = logmel(3, 64, frames, seed=5)
+    for frames in (37, 9, 1) + ((3000,) if waveform_model(name) else ()):
+        x = logmel(3, rows(name), frames, seed=5)
         with torch.no_grad():
             expected = model(x)
         got = session.run(None, {"logmel": x.numpy()})

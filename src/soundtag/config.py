@@ -104,6 +104,7 @@ class TrainConfig:
     def create_model(self, num_classes: int) -> torch.nn.Module:
         """The configured network for `num_classes` classes, freshly initialised."""
         from . import models
+        models.check_features(self.model.name, self.features.kind)
         return models.create_model(self.model.name, num_classes, n_mels=self.features.n_features,
                                    **self.model.params)
 

@@ -212,8 +212,8 @@ def train_epoch(state: FoldState, net: torch.nn.Module, clips: ClipSet, config: 
         x, y = transforms(x, y, gen)
         x = x.contiguous(memory_format=memory)
         with autocast(config.bf16, ctx.device):
-            logits, _ = net(x)
-        loss = task.loss(logits.float(), y, w, config.label_smoothing, config.loss, config.loss_params)
+            logits, _, *extra = net(x)
+        loss = batch_loss(task, config, logits, extra[0] if extra else [], y, w)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -230,6 +230,15 @@ def train_epoch(state: FoldState, net: torch.nn.Module, clips: ClipSet, config: 
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{state.schedule.get_last_lr()[0]:.2e}")
     bar.close()
     return total / state.steps, state.steps * config.batch_size * ctx.world / (time.perf_counter() - start)
+
+
+def batch_loss(task: Task, config: TrainConfig, logits: torch.Tensor,
+               extra_heads: list[tuple[float, torch.Tensor]], y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The task loss of the logits, plus each extra head's task loss times its weight."""
+    loss = task.loss(logits.float(), y, w, config.label_smoothing, config.loss, config.loss_params)
+    for weight, head in extra_heads:
+        loss = loss + weight * task.loss(head.float(), y, w, config.label_smoothing, config.loss, config.loss_params)
+    return loss
 
 
 def memory_format(config: TrainConfig) -> torch.memory_format:

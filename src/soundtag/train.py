@@ -19,6 +19,7 @@ from .datasets import Dataset
 from .distributed import Context, setup
 from .loader import ClipSet, epoch_size, steps_per_epoch
 from .loop import BestWeights, Checkpoint, EarlyStopping, FoldState, Hook, MetricsLog, Printer, Resume, fit
+from .models import is_classifier
 from .optim import build_optimizer, build_schedule
 from .run import Run, RunError
 from .splits import assign_folds, fold_ids
@@ -131,14 +132,14 @@ def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) 
         raise RunError(f"--init {folder}: the run has no trained fold")
     weights = source.weights(k if k in trained else trained[0])
     if source.classes != classes:
-        weights = {n: t for n, t in weights.items() if not n.startswith("head.")}
+        weights = {n: t for n, t in weights.items() if not is_classifier(n)}
     mismatch = RunError(f"--init {folder}: its model ({source.config.model.name} "
                         f"{source.config.model.params}) does not match this config's")
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError:  # same names, other shapes
         raise mismatch from None
-    if unexpected or any(not n.startswith("head.") for n in missing):
+    if unexpected or any(not is_classifier(n) for n in missing):
         raise mismatch
 
 

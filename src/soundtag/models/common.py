@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+Act = Callable[[], nn.Module]
+ACTIVATIONS: Registry[Act] = Registry("activation")
+RELU = ACTIVATIONS.add("relu", partial(nn.ReLU, inplace=True))
+ACTIVATIONS.add("relu6", partial(nn.ReLU6, inplace=True))
+ACTIVATIONS.add("leaky_relu", partial(nn.LeakyReLU, 0.1, inplace=True))
+ACTIVATIONS.add("mish", nn.Mish)
+ACTIVATIONS.add("selu", partial(nn.SELU, inplace=True))
+ACTIVATIONS.add("silu", partial(nn.SiLU, inplace=True))
+DELTA_ORDERS = (0, 1, 2)
+
+
+def activation(name: str) -> Act:
+    """The activation called `name` (every family's `act` parameter)."""
+    try:
+        return ACTIVATIONS.get(name)
+    except ConfigError as e:
+        raise ConfigError(f"model parameter act: {e}") from None
 
 
 def scaled(channels: int, width: float, divisor: int = 8) -> int:
@@ -25,7 +49,7 @@ def conv_bn(
     kernel: int = 3,
     stride: int = 1,
     groups: int = 1,
-    act: type[nn.Module] | None = nn.ReLU,
+    act: Act | None = RELU,
 ) -> nn.Sequential:
     """Conv (no bias, 'same' padding) → BatchNorm → optional activation."""
     layers: list[nn.Module] = [
@@ -33,13 +57,14 @@ def conv_bn(
         nn.BatchNorm2d(c_out),
     ]
     if act is not None:
-        layers.append(act(inplace=True))
+        layers.append(act())
     return nn.Sequential(*layers)
 
 
-def conv_stack(c_in: int, c_out: int, kernel: int = 3, convs: int = 2) -> nn.Sequential:
-    """``convs`` conv-BN-ReLU layers, the first one changing the channel count."""
-    return nn.Sequential(*(conv_bn(c_in if i == 0 else c_out, c_out, kernel) for i in range(convs)))
+def conv_stack(c_in: int, c_out: int, kernel: int = 3, convs: int = 2,
+               act: Act = RELU) -> nn.Sequential:
+    """``convs`` conv-BN-activation layers, the first one changing the channel count."""
+    return nn.Sequential(*(conv_bn(c_in if i == 0 else c_out, c_out, kernel, act=act) for i in range(convs)))
 
 
 def pool2x2() -> nn.AvgPool2d:
@@ -47,9 +72,47 @@ def pool2x2() -> nn.AvgPool2d:
     return nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
 
 
-def fc_neck(c_in: int, c_out: int, dropout: float) -> nn.Sequential:
-    """Dropout → Linear → ReLU, producing the embedding."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, c_out), nn.ReLU(inplace=True))
+def max_pool2x2() -> nn.MaxPool2d:
+    """2×2 max pooling in ceil mode (an axis of size 1 stays 1)."""
+    return nn.MaxPool2d(2, ceil_mode=True)
+
+
+def fc_neck(c_in: int, c_out: int, dropout: float, act: Act = RELU) -> nn.Sequential:
+    """Dropout → Linear → activation, producing the embedding."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, c_out), act())
+
+
+def input_channels(deltas: int) -> int:
+    """Channels a network's first layer takes: the log-mel, plus its deltas (0, 1 or 2 orders)."""
+    if deltas not in DELTA_ORDERS:
+        raise ConfigError(f"model parameter deltas must be one of {', '.join(map(str, DELTA_ORDERS))} "
+                          f"(0: none, 1: deltas, 2: deltas and delta-deltas), not {deltas!r}")
+    return 1 + deltas
+
+
+class Deltas(nn.Module):
+    """Stacks `order` successive time derivatives of the input as extra channels:
+    [B, 1, F, T] → [B, 1 + order, F, T]. Each is the regression delta over ±2
+    frames, (Σₙ n (x[t+n] − x[t−n])) / 10, with the edge frames repeated (HTK's
+    formula; `librosa.feature.delta(width=5, mode="nearest")`)."""
+
+    def __init__(self, order: int) -> None:
+        super().__init__()
+        self.order = order
+        kernel = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) / 10
+        self.register_buffer("kernel", kernel.view(1, 1, 1, 5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = [x]
+        for _ in range(self.order):
+            out.append(F.conv2d(F.pad(out[-1], (2, 2, 0, 0), mode="replicate"), self.kernel.to(x.dtype)))
+        return torch.cat(out, dim=1)
+
+
+def deltas_layer(order: int) -> nn.Module:
+    """The delta stacking of a network's input, or nothing for order 0."""
+    input_channels(order)
+    return Deltas(order) if order else nn.Identity()
 
 
 class MelNorm(nn.Module):
@@ -79,7 +142,7 @@ class GlobalPool(nn.Module):
 
 
 class TaggerNet(nn.Module):
-    """Mel BatchNorm → features → global pooling → neck (embedding) → dropout → linear head.
+    """Mel BatchNorm → deltas (optional) → features → global pooling → neck (embedding) → dropout → head.
 
     ``forward`` maps log-mel [B, 1, n_mels, frames] to ``(logits [B, classes], embedding [B, D])``.
     """
@@ -93,9 +156,11 @@ class TaggerNet(nn.Module):
         embed_dim: int,
         num_classes: int,
         dropout: float,
+        deltas: int = 0,
     ) -> None:
         super().__init__()
         self.bn0 = MelNorm(n_mels)
+        self.deltas = deltas_layer(deltas)
         self.features = features
         self.pool = pool
         self.neck = neck
@@ -103,6 +168,6 @@ class TaggerNet(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.neck(self.pool(self.features(self.bn0(x))))
+        embedding = self.neck(self.pool(self.features(self.deltas(self.bn0(x)))))
         return self.head(self.dropout(embedding)), embedding
 
