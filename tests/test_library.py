@@ -21,7 +21,7 @@ from helpers import DEMO
 from library_setup import CLIPS, TEST_CLIP, demo_folder, exported_run
 
 from soundtag.cli import main
-from soundtag.library import Library, LibraryError
+from soundtag.library import Library, LibraryError, engine
 from soundtag.library.engine import CHANGED
 from soundtag.predict import Tagger
 
@@ -84,13 +84,17 @@ def test_every_file_is_tagged_as_the_tagger_tags_it_and_broken_ones_are_recorded
             library.search("Bagpipes")
 
 
-def test_a_second_run_skips_unchanged_rescores_changed_and_prunes_removed(run, tmp_path):
+def test_a_second_run_skips_unchanged_rescores_changed_and_prunes_removed(run, tmp_path, monkeypatch):
     folder = demo_folder(tmp_path / "sounds")
     db = tmp_path / "lib.sqlite"
     Library.index(db, [run], folder, progress=False)
     before = rows(db)
+    opened: list[str] = []
+    content_hash = engine.content_hash
+    monkeypatch.setattr(engine, "content_hash", lambda path: opened.append(Path(path).name) or content_hash(path))
     again = Library.index(db, [run], folder, progress=False)
     assert (again.added, again.updated, again.unchanged, again.pruned) == (0, 0, len(CLIPS), 0)
+    assert opened == []  # unchanged files are not even read
     assert rows(db)["d000004.ogg"]["indexed_at"] == before["d000004.ogg"]["indexed_at"]
 
     shutil.copy(DEMO / "audio_train" / "d000140.ogg", folder / "d000004.ogg")  # new content
@@ -99,6 +103,7 @@ def test_a_second_run_skips_unchanged_rescores_changed_and_prunes_removed(run, t
     shutil.copy(DEMO / "audio_train" / "d000150.ogg", folder / "new.ogg")
     report = Library.index(db, [run], folder, progress=False)
     assert (report.added, report.updated, report.unchanged, report.pruned) == (1, 1, len(CLIPS) - 2, 1)
+    assert set(opened) == {"d000004.ogg", "d000013.ogg", "new.ogg"}
     after = rows(db)
     assert "more/d000000.ogg" not in after and "new.ogg" in after
     assert after["d000004.ogg"]["hash"] != before["d000004.ogg"]["hash"]

@@ -126,13 +126,14 @@ function drawTimeline(box, segments, top) {
   canvas.width = 600;
   canvas.height = 20 * shown.length;
   const context = canvas.getContext("2d");
+  const peak = Math.max(...segments.flatMap(s => s.labels.map(t => t.score)), 1e-6);  // the strongest is opaque
   for (const segment of segments) {
     const x = segment.start / end * canvas.width;
     const w = Math.max(1, (segment.end - segment.start) / end * canvas.width / 2);
     for (const tag of segment.labels) {
       const row = shown.indexOf(tag.label);
       if (row < 0) continue;
-      context.globalAlpha = Math.min(1, tag.score);
+      context.globalAlpha = tag.score / peak;
       context.fillStyle = COLOURS[row];
       context.fillRect(x, row * 20 + 2, w, 16);
     }
