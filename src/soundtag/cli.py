@@ -97,7 +97,7 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fmin", type=float)
     g.add_argument("--fmax", type=float)
     g.add_argument("--window")
-    g.add_argument("--kind", help="logmel or mfcc")
+    g.add_argument("--kind", help="logmel, mfcc or waveform (with --hop-length 1)")
     g.add_argument("--n-mfcc", type=int)
     g.add_argument("--trim-db", type=float, help="silence threshold below the peak, in dB")
     g.add_argument("--no-trim", action="store_true", help="keep leading and trailing silence")

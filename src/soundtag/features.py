@@ -22,8 +22,9 @@ import torch
 
 from .errors import ConfigError
 
-KINDS = ("logmel", "mfcc")
+KINDS = ("logmel", "mfcc", "waveform")  # waveform: the samples as one feature row, a frame a sample
 AMIN = 1e-10
+MAX_FRAMES, MAX_WAVEFORM_SECONDS = 4096, 48
 # beyond these, one clip's spectrogram or the mel filters take gigabytes
 LIMITS = {"sample_rate": 768_000, "n_fft": 65_536, "hop_length": 65_536, "n_mels": 1024}
 
@@ -65,6 +66,9 @@ class FeatureConfig:
         if self.trim_db is not None and not 0 < self.trim_db < math.inf:
             raise ConfigError(f"trim_db (--trim-db) must be a positive number of dB below the peak, not "
                               f"{self.trim_db} (None, or --no-trim, keeps the silence)")
+        if self.kind == "waveform" and self.hop_length != 1:
+            raise ConfigError(f"features of kind waveform are one frame a sample: set hop_length to 1, "
+                              f"not {self.hop_length}")
         if self.kind == "mfcc" and not 0 < self.n_mfcc <= self.n_mels:
             raise ConfigError(f"n_mfcc must be between 1 and n_mels ({self.n_mels})")
         try:
@@ -74,12 +78,18 @@ class FeatureConfig:
 
     @property
     def n_features(self) -> int:
-        """Rows of the feature matrix: mel bands or MFCCs."""
-        return self.n_mfcc if self.kind == "mfcc" else self.n_mels
+        """Rows of the feature matrix: mel bands, MFCCs, or 1 (the waveform)."""
+        return {"mfcc": self.n_mfcc, "waveform": 1}.get(self.kind, self.n_mels)
+
+    @property
+    def max_frames(self) -> int:
+        """The most frames of a clip scored whole (longer ones are centre-cropped):
+        4096, or 48 s of waveform."""
+        return MAX_WAVEFORM_SECONDS * self.sample_rate if self.kind == "waveform" else MAX_FRAMES
 
     def frames(self, n_samples: int) -> int:
-        """Frames computed from `n_samples` (centred STFT)."""
-        return 1 + n_samples // self.hop_length
+        """Frames computed from `n_samples` (centred STFT; the samples themselves for the waveform)."""
+        return n_samples if self.kind == "waveform" else 1 + n_samples // self.hop_length
 
     def seconds(self, frames: int) -> float:
         return frames * self.hop_length / self.sample_rate
@@ -135,5 +145,7 @@ def front_end(config: FeatureConfig) -> FrontEnd:
 
 def compute(wave: np.ndarray, config: FeatureConfig) -> np.ndarray:
     """Features [n_features, frames] (float32) of a mono waveform."""
+    if config.kind == "waveform":
+        return np.asarray(wave, np.float32)[None]
     with torch.inference_mode():
         return front_end(config)(torch.from_numpy(np.ascontiguousarray(wave, np.float32))).numpy()

@@ -257,7 +257,7 @@ def clip_logits(model: torch.nn.Module, clips: ClipSet, batch_size: int = 32, bf
     was_training = model.training
     model.eval()
     out = np.zeros((len(clips), model.head.out_features), np.float32)
-    for idx, x in eval_batches(clips.spec, clips.lengths, batch_size):
+    for idx, x in eval_batches(clips.spec, clips.lengths, batch_size, max_frames=clips.store.config.max_frames):
         with autocast(bf16, device):
             logits, _ = model(x.to(device).contiguous(memory_format=memory))
         out[idx] = logits.float().cpu().numpy()

@@ -193,7 +193,8 @@ class RunScorer:
 
         if self.tta.mode == "full":
             lengths = np.array([s.shape[1] for s in specs])
-            scored = ordered_map(score_batch, eval_batches(specs.__getitem__, lengths, 32), self.threads)
+            batches = eval_batches(specs.__getitem__, lengths, 32, max_frames=self.features.max_frames)
+            scored = ordered_map(score_batch, batches, self.threads)
         else:
             scored = ordered_map(score_views, enumerate(specs), self.threads)
         scores = np.zeros((len(specs), len(self.classes)), np.float32)
