@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soundtag.augment import AUGMENTATIONS, Augmentation, Compose, build, crop_length, crop_or_pad
+from soundtag.augment import AUGMENTATIONS, Augmentation, Compose, build, check_kind, crop_length, crop_or_pad
 from soundtag.errors import ConfigError
 
 BATCH, N_MELS, FRAMES, N_CLASSES = 8, 16, 40, 5
@@ -344,3 +344,109 @@ def test_crop_length_between_percentiles():
     draws = [crop_length(lengths, 10, 50, rng) for _ in range(200)]
     assert min(draws) >= 100 and max(draws) <= 501 and len(set(draws)) > 50
     assert crop_length(np.array([2, 3, 4]), 0, 100, rng) == 8
+
+
+# ---------------------------------------------------------------- the FSDKaggle2019 winner's mixers
+
+
+def constant_clips(n: int = 6, frames: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip i holds the value i everywhere and is labelled with class i only."""
+    x = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1).expand(n, 1, 3, frames).contiguous()
+    return x, torch.eye(n)
+
+
+def partners(y_out: torch.Tensor) -> list[int]:
+    """For each clip of `constant_clips`, the other clip mixed in (itself if none)."""
+    return [next((j for j in torch.nonzero(row).flatten().tolist() if j != i), i) for i, row in enumerate(y_out)]
+
+
+def test_sigmoid_concat_joins_two_clips_with_a_sigmoid_cross_fade_and_unites_their_labels():
+    frames, fade = 200, 0.05
+    x, y = constant_clips(frames=frames)
+    xo, yo = one("sigmoidconcat", join=(0.25, 0.75), fade=fade)(x, y, gen(3))
+    mixed = 0
+    for i, j in enumerate(partners(yo)):
+        assert torch.equal(yo[i], torch.maximum(y[i], y[j]))  # the union of both clips' labels
+        if i == j:
+            continue
+        mixed += 1
+        share = ((xo[i, 0, 0] - i) / (j - i)).numpy()  # the partner's share of each frame
+        assert share[0] < 0.01 and share[-1] > 0.99 and np.all(np.diff(share) > 0)
+        inner = (share > 1e-3) & (share < 1 - 1e-3)
+        logit = np.log(share[inner] / (1 - share[inner]))
+        np.testing.assert_allclose(np.diff(logit), 1 / (fade * frames), rtol=1e-6)  # a sigmoid in time
+        join = np.argmin(np.abs(share - 0.5))
+        assert 0.25 * frames - 1 <= join <= 0.75 * frames + 1
+        assert torch.equal(xo[i, 0, 0], xo[i, 0, 2])  # every mel bin alike
+    assert mixed >= 3
+
+
+def test_additive_mix_adds_powers_at_a_share_below_max_alpha_and_weights_the_targets():
+    x, y = constant_clips()
+    x = x * 10 - 60  # clip i at (10 i - 60) dB
+    xo, yo = one("additivemix", max_alpha=0.5)(x, y, gen(4))
+    shares = []
+    for i, j in enumerate(partners(yo)):
+        alpha = float(yo[i, j]) if i != j else 0.0
+        shares.append(alpha)
+        expected = 10 * np.log10((1 - alpha) * 10 ** (float(x[i, 0, 0, 0]) / 10)
+                                 + alpha * 10 ** (float(x[j, 0, 0, 0]) / 10))
+        np.testing.assert_allclose(xo[i].numpy(), expected, rtol=1e-6)  # α read back from float32 targets
+        assert yo[i, i] == pytest.approx(1 - alpha) and yo[i].sum() == pytest.approx(1.0)
+    assert 0 < max(shares) <= 0.5 and len(set(shares)) > 2
+    linear, ylin = one("additivemix", max_alpha=0.5, db=False)(x, y, gen(4))
+    assert torch.equal(ylin, yo)  # the same draws
+    for i, j in enumerate(partners(ylin)):
+        alpha = float(ylin[i, j]) if i != j else 0.0
+        np.testing.assert_allclose(linear[i].numpy(), (1 - alpha) * x[i].numpy() + alpha * x[j].numpy(), rtol=1e-6)
+
+
+def test_random_resized_crop_stretches_a_rectangle_of_the_asked_area_and_aspect():
+    n_mels, frames = 64, 160
+    ramp_t = torch.arange(frames, dtype=torch.float64).expand(BATCH, 1, n_mels, frames).contiguous()
+    ramp_f = torch.arange(n_mels, dtype=torch.float64)[:, None].expand(BATCH, 1, n_mels, frames).contiguous()
+    y = torch.zeros(BATCH, N_CLASSES)
+    area, aspect = (0.3, 0.6), (0.5, 2.0)
+    crop = one("randomresizedcrop", area=area, aspect=aspect)
+    out_t, yo = crop(ramp_t, y, gen(5))
+    out_f, _ = crop(ramp_f, y, gen(5))  # the same draws: the same rectangles
+    assert torch.equal(yo, y)
+
+    def side(profile: torch.Tensor) -> tuple[int, int]:
+        """(start, extent) of the crop that a resized ramp shows (bilinear, align_corners=False)."""
+        size = len(profile)
+        pos = torch.arange(size, dtype=torch.float64)
+        extent = round(float(profile[size // 2 + 1] - profile[size // 2]) * size)
+        start = round(float(profile[size // 2] - ((size // 2 + 0.5) * extent / size - 0.5)))
+        expected = ((pos + 0.5) * extent / size - 0.5).clamp(0, extent - 1) + start
+        torch.testing.assert_close(profile, expected, atol=1e-6, rtol=0)
+        return start, extent
+
+    sizes = []
+    for i in range(BATCH):
+        (left, width), (top, height) = side(out_t[i, 0, 0]), side(out_f[i, 0, :, 0])
+        assert 0 <= left <= frames - width and 0 <= top <= n_mels - height
+        sizes.append((width, height))
+        share = width / frames * height / n_mels
+        assert area[0] - 0.03 <= share <= area[1] + 0.03
+        assert aspect[0] - 0.1 <= (width / frames) / (height / n_mels) <= aspect[1] + 0.1
+    assert len(set(sizes)) > 4
+
+
+@pytest.mark.parametrize("spec, kind, fits", [
+    ({"name": "gain"}, "waveform", False),
+    ({"name": "gain"}, "mfcc", True),
+    ({"name": "specaugment"}, "waveform", False),
+    ({"name": "specaugment", "freq_masks": 0}, "waveform", True),
+    ({"name": "specmix", "freq_bands": 0}, "waveform", True),
+    ({"name": "additivemix"}, "mfcc", False),
+    ({"name": "additivemix", "db": False}, "waveform", True),
+    ({"name": "sigmoidconcat"}, "waveform", True),
+    ({"name": "mixup"}, "waveform", True),
+])
+def test_augmentations_meaningless_on_a_front_end_are_refused(spec, kind, fits):
+    if fits:
+        check_kind([spec], kind)
+    else:
+        with pytest.raises(ValueError, match=f"augmentation '{spec['name']}' .* kind '{kind}'"):
+            check_kind([spec], kind)

@@ -1,11 +1,12 @@
-"""Augmentations for training audio taggers on log-mel spectrograms.
+"""Augmentations for training audio taggers on log-mel spectrograms (and waveforms).
 
 Two layers:
 
 * per-clip crop/pad in numpy (:func:`crop_or_pad`, :func:`crop_length`), used
   when batching clips of different lengths;
 * batch transforms in torch, applied to ``x: [batch, 1, n_mels, frames]``
-  (log-mel dB) and ``y: [batch, n_classes]`` float targets. Every transform
+  (log-mel dB; a waveform is one row of samples) and ``y: [batch, n_classes]``
+  float targets; :func:`check_kind` refuses those meaningless on a front end. Every transform
   takes a probability ``p``: each clip of the batch is transformed
   independently with probability ``p`` (also for the mixers, whose unchosen
   clips are left as they are). All randomness comes from the
@@ -205,6 +206,10 @@ class Augmentation:
         """``[batch]`` bool: which clips this call transforms."""
         return _rand(gen, (x.shape[0],), x.device) < self.p
 
+    def fits(self, kind: str) -> bool:
+        """Whether this transform means anything on features of `kind` (logmel, mfcc, waveform)."""
+        return True
+
 
 AUGMENTATIONS: Registry[type[Augmentation]] = Registry("augmentation")
 
@@ -260,6 +265,9 @@ class SpecAugment(Augmentation):
         self.freq_masks, self.freq_width = freq_masks, freq_width
         self.fill = fill
 
+    def fits(self, kind: str) -> bool:
+        return kind != "waveform" or self.freq_masks == 0  # a band of the one row masks the whole clip
+
     def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         chosen = self._chosen(gen, x).view(-1, 1, 1, 1)
         mask = chosen & _stripe_mask(
@@ -290,6 +298,9 @@ class SpecMix(Augmentation):
             raise ValueError("band counts must be >= 0 and widths > 0")
         self.time_bands, self.time_width = time_bands, time_width
         self.freq_bands, self.freq_width = freq_bands, freq_width
+
+    def fits(self, kind: str) -> bool:
+        return kind != "waveform" or self.freq_bands == 0
 
     def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         chosen = self._chosen(gen, x).view(-1, 1, 1, 1)
@@ -392,10 +403,7 @@ class Zoom(Augmentation):
         chosen = self._chosen(gen, x)
         grid_t = self._axis_grid(gen, n, frames, True, x.device)
         grid_f = self._axis_grid(gen, n, n_mels, self.freq, x.device)
-        grid_t, grid_f = torch.broadcast_tensors(grid_t[:, None, :], grid_f[:, :, None])
-        grid = torch.stack((grid_t, grid_f), dim=-1)
-        zoomed = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=False)
-        return torch.where(chosen.view(n, 1, 1, 1), zoomed, x), y
+        return torch.where(chosen.view(n, 1, 1, 1), _resample(x, grid_t, grid_f), x), y
 
     def _axis_grid(
         self, gen: torch.Generator, n: int, size: int, crop: bool, device: torch.device
@@ -406,9 +414,115 @@ class Zoom(Augmentation):
             return ((2 * pos + 1) / size - 1).expand(n, size)
         extent = (_uniform(gen, *self.scale, (n,), device) * size).round().clamp(1, size)
         start = _randint(gen, 0, size - extent.long(), (n,), device)
-        src = ((pos + 0.5) * extent[:, None] / size - 0.5).clamp(min=0)
-        src = torch.minimum(src, extent[:, None] - 1) + start[:, None]
-        return (2 * src + 1) / size - 1
+        return _crop_grid(size, extent, start)
+
+
+def _crop_grid(size: int, extent: Tensor, start: Tensor) -> Tensor:
+    """``[n, size]`` normalised positions sampling ``extent`` cells from ``start``
+    onto ``size`` cells (bilinear, ``align_corners=False``, edges clamped)."""
+    pos = torch.arange(size, device=extent.device, dtype=torch.float64)
+    src = ((pos + 0.5) * extent[:, None] / size - 0.5).clamp(min=0)
+    src = torch.minimum(src, extent[:, None] - 1) + start[:, None]
+    return (2 * src + 1) / size - 1
+
+
+def _resample(x: Tensor, grid_t: Tensor, grid_f: Tensor) -> Tensor:
+    """``x`` sampled bilinearly at time positions ``grid_t [n, frames]`` × mel positions ``grid_f [n, n_mels]``."""
+    grid_t, grid_f = torch.broadcast_tensors(grid_t[:, None, :], grid_f[:, :, None])
+    grid = torch.stack((grid_t, grid_f), dim=-1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=False)
+
+
+@AUGMENTATIONS.register("randomresizedcrop")
+class RandomResizedCrop(Augmentation):
+    """torchvision's RandomResizedCrop on spectrograms: a random rectangle covering a
+    fraction ``area`` (range) of the clip, its aspect (fraction of the frames over
+    fraction of the mel bins) drawn log-uniformly from ``aspect``, each side clamped
+    to the clip, stretched back to the full size (bilinear, as ``zoom``). ``p`` is
+    the fraction of clips cropped. Targets are unchanged.
+    """
+
+    def __init__(
+        self, p: float = 0.5, area: Sequence[float] = (0.5, 1.0), aspect: Sequence[float] = (3 / 4, 4 / 3)
+    ) -> None:
+        super().__init__(p)
+        _check_range("area", area, 1e-6, 1.0)
+        _check_range("aspect", aspect, 1e-6)
+        self.area, self.aspect = area, aspect
+
+    def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        n, _, n_mels, frames = x.shape
+        chosen = self._chosen(gen, x)
+        area = _uniform(gen, *self.area, (n,), x.device)
+        aspect = _uniform(gen, math.log(self.aspect[0]), math.log(self.aspect[1]), (n,), x.device).exp()
+        width = ((area * aspect).sqrt() * frames).round().clamp(1, frames)
+        height = ((area / aspect).sqrt() * n_mels).round().clamp(1, n_mels)
+        left = _randint(gen, 0, frames - width.long(), (n,), x.device)
+        top = _randint(gen, 0, n_mels - height.long(), (n,), x.device)
+        cropped = _resample(x, _crop_grid(frames, width, left), _crop_grid(n_mels, height, top))
+        return torch.where(chosen.view(n, 1, 1, 1), cropped, x), y
+
+
+@AUGMENTATIONS.register("sigmoidconcat")
+class SigmoidConcat(Augmentation):
+    """Concatenation in time of two clips of the batch (the FSDKaggle2019 winner's):
+    each chosen clip up to a join, another clip after it, cross-faded by a
+    sigmoid of time constant ``fade`` (a fraction of the frames). The join lies at
+    a fraction ``join`` (range) of the crop. Targets: the union of both clips'
+    labels (meant for multi-label sets). ``p`` is the fraction of clips joined.
+    """
+
+    def __init__(self, p: float = 0.5, join: Sequence[float] = (0.25, 0.75), fade: float = 0.02) -> None:
+        super().__init__(p)
+        _check_range("join", join, 0.0, 1.0)
+        if not fade > 0:
+            raise ValueError(f"fade must be > 0, got {fade}")
+        self.join, self.fade = join, fade
+
+    def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        n, frames = x.shape[0], x.shape[-1]
+        chosen = self._chosen(gen, x)
+        at = _uniform(gen, *self.join, (n,), x.device) * frames
+        perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+        t = torch.arange(frames, device=x.device, dtype=torch.float64) + 0.5
+        other = torch.sigmoid((t - at[:, None]) / (self.fade * frames)).to(x.dtype)[:, None, None, :]
+        joined = (1 - other) * x + other * x[perm]
+        union = torch.maximum(y, y[perm])
+        return (torch.where(chosen.view(n, 1, 1, 1), joined, x),
+                torch.where(chosen.view(n, 1), union, y))
+
+
+@AUGMENTATIONS.register("additivemix")
+class AdditiveMix(Augmentation):
+    """Additive mixing (the FSDKaggle2019 winner's): another clip of the batch is
+    added at a share α ~ U(0, ``max_alpha``) per clip, the sounds' powers mixing as
+    ``(1 - α) P + α P[perm]`` on log-mel dB input (``db: false`` mixes the values
+    themselves, for waveforms). Targets ``(1 - α) y + α y[perm]``. ``p`` is the
+    fraction of clips mixed.
+    """
+
+    def __init__(self, p: float = 0.5, max_alpha: float = 0.5, db: bool = True) -> None:
+        super().__init__(p)
+        if not 0 < max_alpha <= 1:
+            raise ValueError(f"max_alpha must be in (0, 1], got {max_alpha}")
+        self.max_alpha, self.db = max_alpha, db
+
+    def fits(self, kind: str) -> bool:
+        return kind == "logmel" or not self.db
+
+    def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        chosen = self._chosen(gen, x)
+        alpha = _uniform(gen, 0.0, self.max_alpha, (n,), x.device) * chosen
+        perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+        a = alpha.to(x.dtype).view(n, 1, 1, 1)
+        if self.db:
+            per_db = math.log(10) / 10
+            mixed = torch.logaddexp(torch.log1p(-a) + per_db * x, torch.log(a) + per_db * x[perm]) / per_db
+        else:
+            mixed = (1 - a) * x + a * x[perm]
+        ay = alpha.to(y.dtype).view(n, 1)
+        return torch.where(chosen.view(n, 1, 1, 1), mixed, x), (1 - ay) * y + ay * y[perm]
 
 
 @AUGMENTATIONS.register("gain")
@@ -423,6 +537,9 @@ class Gain(Augmentation):
         if max_db < 0:
             raise ValueError(f"max_db must be >= 0, got {max_db}")
         self.max_db = max_db
+
+    def fits(self, kind: str) -> bool:
+        return kind != "waveform"  # an offset in dB
 
     def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
@@ -445,6 +562,15 @@ class Compose:
 def build(specs: Sequence[dict]) -> Compose:
     """Build a :class:`Compose` from specs like ``{"name": "mixup", "p": 0.5, "alpha": 0.4}``."""
     return Compose([_build_one(spec) for spec in specs])
+
+
+def check_kind(specs: Sequence[dict], kind: str) -> None:
+    """Fail on an augmentation that means nothing on features of `kind` (e.g. a gain in dB on the waveform)."""
+    for spec in specs:
+        if not _build_one(spec).fits(kind):
+            raise ValueError(f"augmentation {spec.get('name')!r} with these parameters does not apply to features "
+                             f"of kind {kind!r} (gains and power mixes in dB need log-mels; on the waveform's one "
+                             "row a frequency band masks the whole clip: give it 0 bands)")
 
 
 def _build_one(spec: dict) -> Augmentation:

@@ -96,7 +96,7 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
         try:
-            augment.build(self.augment)
+            augment.check_kind(self.augment, self.features.kind)
             self.create_model(2)
         except ValueError as e:
             raise ConfigError(str(e)) from None
