@@ -9,7 +9,7 @@ import torch
 
 from soundtag.config import OptimConfig, TrainConfig
 from soundtag.errors import ConfigError
-from soundtag.optim import OPTIMIZERS, SCHEDULES, Lookahead, build_optimizer, build_schedule
+from soundtag.optim import OPTIMIZERS, SCHEDULES, Lookahead, build_optimizer, build_schedule, schedule_hooks
 
 LR = 0.01
 
@@ -88,6 +88,81 @@ def test_no_warm_up_starts_at_the_full_rate(schedule):
     assert rates(OptimConfig(lr=LR, schedule=schedule, warmup=0.0), 10)[0] == pytest.approx(LR, rel=1e-9)
 
 
+def test_flat_cos_holds_the_rate_then_follows_half_a_cosine_to_lr_over_1e5():
+    total, flat = 40, 30  # fastai's fit_flat_cos with pct_start 0.75
+    got = rates(OptimConfig(lr=LR, schedule="flat_cos", schedule_params={"flat": 0.75}), total)
+    floor = LR / 1e5
+    assert got[:flat] == pytest.approx([LR] * flat, rel=1e-12)
+    for step in (30, 32, 34, 35, 37, 39):
+        assert got[step] == pytest.approx(cos_between(LR, floor, (step - flat) / (total - 1 - flat)), rel=1e-9), step
+    assert got[39] == pytest.approx(floor, rel=1e-9)
+    assert rates(OptimConfig(lr=LR, schedule="flat_cos"), 8)[:6] == [LR] * 6  # default: 0.75 of the steps
+
+
+class Record:
+    def __init__(self, val_loss: float, figure: float = 0.0):
+        self.val_loss, self.figure = val_loss, figure
+
+
+def plateau_rates(params: dict, records: list[Record], steps: int = 2, warmup: float = 0.0) -> list[float]:
+    """The rate of each epoch's first step; the schedule stepped each batch and told each epoch's figures."""
+    config = OptimConfig(lr=LR, schedule="plateau", warmup=warmup, schedule_params=params)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), config)
+    schedule = build_schedule(optimizer, config, steps * len(records))
+    assert schedule_hooks(schedule) == [schedule]
+    out = []
+    for record in records:
+        out.append(optimizer.param_groups[0]["lr"])
+        for _ in range(steps):
+            optimizer.step()
+            schedule.step()
+        schedule.epoch_end(None, record)
+    return out + [optimizer.param_groups[0]["lr"]]
+
+
+def test_plateau_cuts_the_rate_after_patience_epochs_without_a_lower_loss():
+    losses = [1.0, 0.9, 0.95, 0.92, 0.91, 0.8, 0.85, 0.86, 0.87, 0.88]
+    got = plateau_rates({"factor": 0.5, "patience": 2}, [Record(v) for v in losses])
+    # best 0.9 at epoch 2; epochs 3-5 are not lower: cut after the 3rd (epoch 5); 0.8 is a new best;
+    # epochs 7-9 not lower: cut after epoch 9
+    expected = [LR] * 5 + [LR / 2] * 4 + [LR / 4] * 2
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_plateau_can_watch_the_figure_and_keeps_a_floor_and_the_warm_up():
+    figures = [0.5, 0.6, 0.6, 0.55, 0.7, 0.7]
+    got = plateau_rates({"factor": 0.1, "patience": 0, "monitor": "figure", "min_lr": LR / 20},
+                        [Record(1.0, f) for f in figures])
+    # higher is better: epochs 3, 4 and 6 do not improve (patience 0: cut at once), floored at lr / 20
+    assert got == pytest.approx([LR, LR, LR, LR / 10, LR / 20, LR / 20, LR / 20], rel=1e-12)
+    warm = plateau_rates({}, [Record(1.0)] * 2, steps=5, warmup=0.4)  # 4 warm-up steps of 10
+    assert warm[0] == pytest.approx(LR / 4, rel=1e-12) and warm[1] == pytest.approx(LR, rel=1e-12)
+
+
+def test_plateau_state_survives_a_checkpoint():
+    config = OptimConfig(lr=LR, schedule="plateau", schedule_params={"patience": 0})
+    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), config)
+    schedule = build_schedule(optimizer, config, 10)
+    for loss in (1.0, 2.0):
+        schedule.epoch_end(None, Record(loss))
+    again = build_schedule(build_optimizer(torch.nn.Linear(2, 2).parameters(), config), config, 10)
+    again.load_state_dict(schedule.state_dict())
+    assert (again.scale, again.best, again.bad) == (0.5, 1.0, 0)
+
+
+@pytest.mark.parametrize("config, message", [
+    (OptimConfig(schedule="cosine", schedule_params={"flat": 0.5}),
+     "schedule 'cosine' got unknown schedule_params flat; accepted: none"),
+    (OptimConfig(schedule="plateau", schedule_params={"cooldown": 2}),
+     "schedule 'plateau' got unknown schedule_params cooldown; accepted: factor, patience, monitor, min_lr"),
+    (OptimConfig(schedule="plateau", schedule_params={"monitor": "accuracy"}), "monitor one of loss, figure"),
+    (OptimConfig(schedule="flat_cos", schedule_params={"flat": 1.5}), "flat .* between 0 and 1, not 1.5"),
+])
+def test_schedule_parameters_are_checked_before_training(config, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(optim=config).validate()
+
+
 def test_schedules_drive_lookaheads_inner_optimiser():
     config = OptimConfig(name="sgd", lookahead=True, schedule="constant", lr=LR, warmup=0.5)
     optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), config)
@@ -139,12 +214,12 @@ def test_lookahead_pulls_the_weights_to_the_slow_copy_every_k_steps():
 
 def test_registries_hold_the_documented_names():
     assert OPTIMIZERS.names() == ["adamw", "radam", "sgd"]
-    assert SCHEDULES.names() == ["constant", "cosine", "onecycle"]
+    assert SCHEDULES.names() == ["constant", "cosine", "flat_cos", "onecycle", "plateau"]
 
 
 @pytest.mark.parametrize("change, message", [
     ({"name": "adam"}, "unknown optimiser 'adam'; valid optimisers: adamw, radam, sgd"),
-    ({"schedule": "step"}, "unknown schedule 'step'; valid schedules: constant, cosine, onecycle"),
+    ({"schedule": "step"}, "unknown schedule 'step'; valid schedules: constant, cosine, flat_cos, onecycle, plateau"),
 ])
 def test_unknown_optimiser_or_schedule_is_a_config_error_listing_valid_names(change, message):
     config = OptimConfig(**change)

@@ -54,6 +54,7 @@ class OptimConfig:
     lookahead: bool = False
     schedule: str = "onecycle"
     warmup: float = 0.1
+    schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. plateau's factor, patience, monitor
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TrainConfig:
         """Fail with the valid choices on anything unknown, before training starts."""
         from . import augment, optim
         optim.OPTIMIZERS.get(self.optim.name)
-        optim.SCHEDULES.get(self.optim.schedule)
+        optim.check_schedule(self.optim)
         _choice("pad mode", self.crop.pad_mode, augment.PAD_MODES)
         _choice("noisy", self.noisy, ("include", "exclude"))
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":

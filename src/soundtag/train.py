@@ -20,7 +20,7 @@ from .distributed import Context, setup
 from .loader import ClipSet, epoch_size, steps_per_epoch
 from .loop import BestWeights, Checkpoint, EarlyStopping, FoldState, Hook, MetricsLog, Printer, Resume, fit
 from .models import is_classifier
-from .optim import build_optimizer, build_schedule
+from .optim import build_optimizer, build_schedule, schedule_hooks
 from .run import Run, RunError
 from .splits import assign_folds, fold_ids
 from .store import FeatureStore, extract
@@ -118,7 +118,8 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
     steps = steps_per_epoch(epoch_size(train_set, config.epoch_clips), config.batch_size, ctx.world)
     schedule = build_schedule(optimizer, config.optim, steps * config.epochs)
     state = FoldState(k, model, optimizer, schedule, steps)
-    hooks: list[Hook] = [Resume(run, ctx.main), BestWeights(run, ctx.main), EarlyStopping(config.patience)]
+    hooks: list[Hook] = [Resume(run, ctx.main), *schedule_hooks(schedule), BestWeights(run, ctx.main),
+                         EarlyStopping(config.patience)]
     if ctx.main:
         hooks += [MetricsLog(run), Checkpoint(run)] + ([Printer(run.metric, config.epochs)] if progress else [])
     fit(state, train_set, val_set, config, run.task, ctx, hooks + extra, progress)
