@@ -191,6 +191,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=THREADS, help="torch threads (default: up to 2)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     p.add_argument("--init", type=Path, help="start from this run's weights (head replaced if classes differ)")
+    p.add_argument("--corrections", help="label corrections file (from `soundtag review`, edited) to train with")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     add_cache_options(p)
@@ -204,7 +205,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
         out["train_folds"] = None
     if args.fold is not None:
         out["train_folds"] = args.fold
-    for key in ("epochs", "batch_size", "threads", "bf16"):
+    for key in ("epochs", "batch_size", "threads", "bf16", "corrections"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     if args.model:
@@ -561,6 +562,26 @@ def serve(args: argparse.Namespace) -> int:
                         max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, long=args.long,
                         window=args.window, hop=args.hop, threads=args.threads)
     run_server(args.run, settings, args.host, args.port, args.backend, args.db)
+    return 0
+
+
+def _review_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="a trained run folder")
+    add_data_options(p)
+    p.add_argument("--out", type=Path, default=Path("corrections.csv"), help="corrections file to write")
+    p.add_argument("--top", type=bounded(int, 1, 10**7), default=100, help="clips listed, worst first")
+    p.add_argument("--force", action="store_true", help="replace an existing corrections file")
+
+
+@command("review", _review_options)
+def review(args: argparse.Namespace) -> int:
+    """List the clips whose labels the run's out-of-fold scores disagree with most; write a corrections file."""
+    from .corrections import review_run
+    frame = review_run(args.run, read_dataset(args), args.out, args.top, args.force)
+    print("| rank | fname | labels | disagreement | predicted |\n|---|---|---|---|---|")
+    for rank, row in enumerate(frame.itertuples(), start=1):
+        print(f"| {rank} | {printable(row.fname)} | {row.old_labels} | {row.disagreement:.3f} | {row.predicted} |")
+    print(f"{len(frame)} clips written to {args.out}: edit new_labels, then train with `corrections: {args.out}`")
     return 0
 
 

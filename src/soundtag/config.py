@@ -75,6 +75,7 @@ class TrainConfig:
     train_folds: list[int] | None = None
     noisy: str = "include"
     noisy_weight: float = 1.0
+    corrections: str | None = None  # a label corrections CSV (fname, old_labels, new_labels) from `soundtag review`
     threads: int = 0
     bf16: bool = False
     channels_last: bool = True

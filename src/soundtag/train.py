@@ -4,6 +4,7 @@ fold goes through the one loop in `loop.py`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import metrics, plots
+from . import corrections, metrics, plots
 from .clips import ClipTable, noisy_policy
 from .config import TrainConfig
 from .datasets import Dataset
@@ -28,11 +29,16 @@ from .store import FeatureStore, extract
 log = logging.getLogger("soundtag")
 
 
-def training_table(data: Dataset | ClipTable, config: TrainConfig) -> ClipTable:
+def training_table(data: Dataset | ClipTable, config: TrainConfig) -> tuple[ClipTable, dict]:
     """The clips a config trains on: a dataset's training split (or a given
-    table) under the config's noisy-clip policy."""
+    table) under the config's noisy-clip policy and label corrections; and, for
+    run.json, what the corrections changed."""
     table = data if isinstance(data, ClipTable) else ClipTable.from_dataset(data.subset("train"))
-    return noisy_policy(table, config.noisy, config.noisy_weight)
+    table = noisy_policy(table, config.noisy, config.noisy_weight)
+    if not config.corrections:
+        return table, {}
+    table, applied = corrections.apply(table, config.corrections)
+    return table, {"corrections": dataclasses.asdict(applied)}
 
 
 def train(data: Dataset | ClipTable, config: TrainConfig, out: str | Path, *, force: bool = False,
@@ -41,7 +47,7 @@ def train(data: Dataset | ClipTable, config: TrainConfig, out: str | Path, *, fo
     """Train every fold the config asks for; `hooks` join the loop's own."""
     config.validate()
     ctx = setup()
-    table = training_table(data, config)
+    table, changed = training_table(data, config)
     if init:  # fail early on a run that does not fit
         load_init(config.create_model(len(table.classes)), Path(init), 0, table.classes)
     store, rows, failures = _features(table, config, cache_dir, ctx, progress)
@@ -49,7 +55,7 @@ def train(data: Dataset | ClipTable, config: TrainConfig, out: str | Path, *, fo
     table.fold = assign_folds(table, config.folds, config.seed)
     _folds_to_train(config, table.fold)
     if ctx.main:
-        source = data.source if isinstance(data, Dataset) else {}
+        source = {**(data.source if isinstance(data, Dataset) else {}), **changed}
         run = Run.create(out, config, table.classes, table.multilabel, source, force, init=init)
         run.write_clips(table)
         if failures:
@@ -160,6 +166,8 @@ def _summarise(run: Run, table: ClipTable) -> None:
     overall = metrics.evaluate(table.targets[held], oof, run.classes, run.multilabel)
     summary = {"metric": run.metric, "folds": per_fold,
                "oof": {k: v for k, v in overall.items() if k != "per_class"}, "oof_clips": int(len(held))}
+    if "corrections" in run.data:
+        summary["corrections"] = run.data["corrections"]
     run.write_summary(summary, summary_table(summary))
     run.write_thresholds(metrics.tune_thresholds(table.targets[held], oof))
     plots.training_curves(run)
@@ -181,4 +189,6 @@ def summary_table(summary: dict) -> str:
                      f"{f['val_loss']:.4f} | {f['seconds'] / 60:.1f} |")
     o = summary["oof"]
     lines.append(f"| out-of-fold ({summary['oof_clips']} clips) | | | {o['lwlrap']:.4f} | {o['map@3']:.4f} | | |")
+    if "corrections" in summary:
+        lines.append("\n" + corrections.Applied(**summary["corrections"]).line())
     return "\n".join(lines)
