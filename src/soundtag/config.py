@@ -30,6 +30,9 @@ TYPE_WORDS = {int: "a whole number", float: "a finite number", bool: "true or fa
               type(None): "null"}
 
 
+SELECTIONS = ("inner", "last")
+
+
 @dataclass
 class ModelConfig:
     name: str = "cnn6"
@@ -70,7 +73,12 @@ class TrainConfig:
     epoch_clips: int | None = None
     batch_size: int = 32
     patience: int = 10
+    early_stop_from: float = 0.5  # no early stopping before this share of the epochs (rate still high)
+    selection: str = "inner"  # what picks a fold's epoch: an inner split of its training clips, or "last"
+    inner_fraction: float = 0.15  # share of a fold's training clips held out for selection ("inner")
     label_smoothing: float = 0.0
+    loss: str | None = None  # default: the task's (bce for multi-label sets, cross_entropy otherwise)
+    loss_params: dict[str, Any] = field(default_factory=dict)
     folds: int | str = 5
     train_folds: list[int] | None = None
     noisy: str = "include"
@@ -87,7 +95,10 @@ class TrainConfig:
         optim.OPTIMIZERS.get(self.optim.name)
         optim.check_schedule(self.optim)
         _choice("pad mode", self.crop.pad_mode, augment.PAD_MODES)
-        _choice("noisy", self.noisy, ("include", "exclude"))
+        from .clips import NOISY_POLICIES
+        from .task import check_loss
+        _choice("noisy", self.noisy, NOISY_POLICIES)
+        check_loss(self.loss, self.loss_params)
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":
             raise ConfigError(f"folds must be a whole number ≥ 2 or 'own', not {self.folds!r}")
         if not 0 <= self.crop.low_pct <= self.crop.high_pct <= 100:
@@ -97,6 +108,10 @@ class TrainConfig:
             raise ConfigError(f"epoch_clips must be at least 1 (or left out), not {self.epoch_clips}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
+        _choice("selection", self.selection, SELECTIONS)
+        if not 0 < self.inner_fraction < 1 or not 0 <= self.early_stop_from <= 1:
+            raise ConfigError(f"inner_fraction must be between 0 and 1 (not {self.inner_fraction}) and "
+                              f"early_stop_from between 0 and 1 (not {self.early_stop_from})")
         try:
             augment.check_kind(self.augment, self.features.kind)
             self.create_model(2)

@@ -95,7 +95,7 @@ class Resume(Hook):
 
 
 class BestWeights(Hook):
-    """Keeps the weights and held-out scores of the epoch with the best figure."""
+    """Keeps the weights of the epoch with the best selection figure."""
 
     def __init__(self, run: Run, main: bool):
         self.run, self.main = run, main
@@ -107,22 +107,23 @@ class BestWeights(Hook):
             p.update(best=record.figure, best_epoch=record.epoch, bad=0)
             if self.main:
                 self.run.save_weights(state.fold, state.model)
-                self.run.save_fold_scores(state.fold, record.scores)
         else:
             p["bad"] += 1
 
 
 class EarlyStopping(Hook):
-    """Stops after `patience` epochs without a better figure."""
+    """Stops after `patience` epochs without a better figure, but never before
+    epoch `start_epoch` (while the learning rate is still high, a small
+    validation set's figure swings too much to stop on)."""
 
-    def __init__(self, patience: int):
-        self.patience = patience
+    def __init__(self, patience: int, start_epoch: int = 0):
+        self.patience, self.start_epoch = patience, start_epoch
 
     def start(self, state: FoldState) -> None:
-        state.stop = state.progress["bad"] >= self.patience
+        self.epoch_end(state, None)
 
-    def epoch_end(self, state: FoldState, record: EpochRecord) -> None:
-        state.stop = state.progress["bad"] >= self.patience
+    def epoch_end(self, state: FoldState, record: EpochRecord | None) -> None:
+        state.stop = state.progress["bad"] >= self.patience and state.epoch >= self.start_epoch
 
 
 class MetricsLog(Hook):

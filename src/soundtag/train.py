@@ -19,11 +19,12 @@ from .config import TrainConfig
 from .datasets import Dataset
 from .distributed import Context, setup
 from .loader import ClipSet, epoch_size, steps_per_epoch
-from .loop import BestWeights, Checkpoint, EarlyStopping, FoldState, Hook, MetricsLog, Printer, Resume, fit
+from .loop import (BestWeights, Checkpoint, EarlyStopping, FoldState, Hook, MetricsLog, Printer, Resume, clip_logits,
+                   fit)
 from .models import is_classifier
 from .optim import build_optimizer, build_schedule, schedule_hooks
 from .run import Run, RunError
-from .splits import assign_folds, fold_ids
+from .splits import assign_folds, fold_ids, inner_split
 from .store import FeatureStore, extract
 
 log = logging.getLogger("soundtag")
@@ -99,20 +100,28 @@ def _folds_to_train(config: TrainConfig, folds: np.ndarray) -> list[int]:
 
 def _train_run(run: Run, table: ClipTable, store: FeatureStore, rows: np.ndarray, ctx: Context,
                progress: bool, hooks: Sequence[Hook]) -> Run:
-    torch.set_num_threads(run.config.num_threads())
-    for k in _folds_to_train(run.config, table.fold):
-        train, val = table.training(k), table.validation(k)
-        train_set = ClipSet(store, rows[train], table.targets[train], table.weight[train])
-        val_set = ClipSet(store, rows[val], table.targets[val], np.ones(int(val.sum()), np.float32))
-        _train_fold(run, k, train_set, val_set, ctx, progress, list(hooks))
+    config = run.config
+    torch.set_num_threads(config.num_threads())
+    for k in _folds_to_train(config, table.fold):
+        train, held = table.training(k), table.validation(k)
+        select = (inner_split(table, train, config.inner_fraction, config.seed + k)
+                  if config.selection == "inner" else held)
+        train &= ~select
+        sets = [ClipSet(store, rows[m], table.targets[m], w)
+                for m, w in ((train, table.weight[train]), (select, np.ones(int(select.sum()), np.float32)),
+                             (held, np.ones(int(held.sum()), np.float32)))]
+        _train_fold(run, k, *sets, ctx, progress, list(hooks))
     if ctx.main:
         _summarise(run, table)
     ctx.barrier()
     return run
 
 
-def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Context, progress: bool,
-                extra: list[Hook]) -> None:
+def _train_fold(run: Run, k: int, train_set: ClipSet, select_set: ClipSet, held_set: ClipSet, ctx: Context,
+                progress: bool, extra: list[Hook]) -> None:
+    """Train fold k on `train_set`, pick its epoch on `select_set` (or keep the
+    last with `selection: last`, `select_set` then only monitored), and score the
+    held-out fold once with the weights kept."""
     config = run.config
     torch.manual_seed(config.seed + k)
     model = run.new_model()
@@ -124,11 +133,20 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, val_set: ClipSet, ctx: Con
     steps = steps_per_epoch(epoch_size(train_set, config.epoch_clips), config.batch_size, ctx.world)
     schedule = build_schedule(optimizer, config.optim, steps * config.epochs)
     state = FoldState(k, model, optimizer, schedule, steps)
-    hooks: list[Hook] = [Resume(run, ctx.main), *schedule_hooks(schedule), BestWeights(run, ctx.main),
-                         EarlyStopping(config.patience)]
+    hooks: list[Hook] = [Resume(run, ctx.main), *schedule_hooks(schedule)]
+    if config.selection == "inner":
+        hooks += [BestWeights(run, ctx.main),
+                  EarlyStopping(config.patience, round(config.early_stop_from * config.epochs))]
     if ctx.main:
         hooks += [MetricsLog(run), Checkpoint(run)] + ([Printer(run.metric, config.epochs)] if progress else [])
-    fit(state, train_set, val_set, config, run.task, ctx, hooks + extra, progress)
+    fit(state, train_set, select_set, config, run.task, ctx, hooks + extra, progress)
+    if ctx.main:
+        if config.selection == "last":
+            run.save_weights(k, model)
+        model.load_state_dict(run.weights(k))
+        logits = clip_logits(model, held_set, config.batch_size, config.bf16, ctx.device, memory)
+        run.save_fold_scores(k, run.task.activate(logits))
+    ctx.barrier()
 
 
 def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) -> None:
@@ -174,19 +192,22 @@ def _summarise(run: Run, table: ClipTable) -> None:
 
 
 def _fold_summary(run: Run, k: int, truth: np.ndarray, scores: np.ndarray) -> dict:
+    """The epoch kept (and its selection figures), then the held-out fold's figures."""
     history = run.history(k)
-    best = history.loc[history[run.metric].idxmax()]
-    return {"best_epoch": int(best.epoch), "epochs": int(history.epoch.max()), run.metric: float(best[run.metric]),
-            "val_loss": float(best.val_loss), "map@3": metrics.map_at_k(truth, scores, 3),
+    kept = history.loc[history[run.metric].idxmax() if run.config.selection == "inner" else history.index[-1]]
+    return {"best_epoch": int(kept.epoch), "epochs": int(history.epoch.max()),
+            f"selection_{run.metric}": float(kept[run.metric]), "selection_loss": float(kept.val_loss),
+            "map@3": metrics.map_at_k(truth, scores, 3),
             "lwlrap": metrics.lwlrap(truth, scores), "seconds": float(history.seconds.sum())}
 
 
 def summary_table(summary: dict) -> str:
     """The run's summary as a Markdown table: one row a fold, then out-of-fold."""
-    lines = ["| fold | best epoch | epochs | lwlrap | map@3 | val loss | minutes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| fold | epoch kept | epochs | selection loss | held-out lwlrap | held-out map@3 | minutes |",
+             "|---|---|---|---|---|---|---|"]
     for k, f in summary["folds"].items():
-        lines.append(f"| {k} | {f['best_epoch']} | {f['epochs']} | {f['lwlrap']:.4f} | {f['map@3']:.4f} | "
-                     f"{f['val_loss']:.4f} | {f['seconds'] / 60:.1f} |")
+        lines.append(f"| {k} | {f['best_epoch']} | {f['epochs']} | {f['selection_loss']:.4f} | {f['lwlrap']:.4f} | "
+                     f"{f['map@3']:.4f} | {f['seconds'] / 60:.1f} |")
     o = summary["oof"]
     lines.append(f"| out-of-fold ({summary['oof_clips']} clips) | | | {o['lwlrap']:.4f} | {o['map@3']:.4f} | | |")
     if "corrections" in summary:
