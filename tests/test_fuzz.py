@@ -11,13 +11,14 @@ import typing
 from contextlib import redirect_stderr, redirect_stdout
 
 import yaml
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from soundtag import cli, config
 from soundtag.config import TrainConfig
 from soundtag.datasets.table import Table
-from soundtag.errors import SoundtagError
+from soundtag.errors import ConfigError, SoundtagError
 
 
 
@@ -176,3 +177,16 @@ def test_any_command_line_parses_or_is_one_error_line(argv):
         assert len(lines) == 1 and lines[0].startswith("error: soundtag"), err.getvalue()
     except SoundtagError as e:
         one_line_error(e)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model": {"name": "resnet", "params": {"width": None}}},
+    {"model": {"name": "resnet", "params": {"layers": []}}},
+    {"model": {"name": "cnn10", "params": {"width": []}}},
+    {"augment": [{"name": "gain", "p": 0.5, "max_db": [1]}]},
+    {"threads": -1},
+])
+def test_component_parameters_of_the_wrong_kind_are_one_line_errors(overrides):
+    with pytest.raises(ConfigError) as e:
+        config.resolve("fast", overrides=overrides)
+    assert "\n" not in str(e.value)

@@ -112,11 +112,15 @@ class TrainConfig:
         if not 0 < self.inner_fraction < 1 or not 0 <= self.early_stop_from <= 1:
             raise ConfigError(f"inner_fraction must be between 0 and 1 (not {self.inner_fraction}) and "
                               f"early_stop_from between 0 and 1 (not {self.early_stop_from})")
+        if not 0 <= self.threads <= 1024:
+            raise ConfigError(f"threads must be between 0 (all usable cores, up to 2) and 1024, not {self.threads}")
         try:
             augment.check_kind(self.augment, self.features.kind)
             self.create_model(2)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        except (TypeError, IndexError, OverflowError) as e:  # a component's parameter of the wrong kind
+            raise ConfigError(f"model or augmentation parameters: {' '.join(str(e).split())}") from None
 
     def create_model(self, num_classes: int) -> torch.nn.Module:
         """The configured network for `num_classes` classes, freshly initialised."""
