@@ -8,7 +8,7 @@ written here, and nowhere else.
     RUN/fold<k>/model.safetensors   best weights of fold k, with a checksum of the tensors
     RUN/fold<k>/metrics.csv         one row an epoch
     RUN/fold<k>/checkpoint.safetensors   last finished epoch, for --resume (one atomic file)
-    RUN/fold<k>/oof.npy             held-out scores of the best epoch (float32)
+    RUN/fold<k>/oof.npy             held-out scores with the weights kept (float32)
     RUN/oof.npy, oof.csv            out-of-fold scores of every held-out clip (float32; text for people)
     RUN/thresholds.json, summary.json, summary.md, curves.png
     RUN/onnx/fold<k>.onnx           exported networks
@@ -213,7 +213,7 @@ class Run:
             history[history.epoch.astype(int) <= epoch].to_csv(path, index=False)
 
     def save_fold_scores(self, k: int, scores: np.ndarray) -> None:
-        """Held-out scores of fold k's best epoch."""
+        """Held-out scores of fold k with the weights it kept."""
         atomic_write(self._fold(k) / "oof.npy", lambda p: _save_npy(p, scores))
 
     def fold_scores(self, k: int) -> np.ndarray:
