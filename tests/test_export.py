@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from soundtag.cli import main
 from soundtag.errors import ConfigError
 from soundtag.export import export
-from soundtag.predict import TTA, Tagger, activate
+from soundtag.predict import TTA, Tagger
+from soundtag.task import Task
 from soundtag.run import Run, RunError
 
 
@@ -152,7 +153,7 @@ def test_fold_scores_are_averaged_on_both_backends(two_folds, clips):
     for model in run.load_models():
         with torch.inference_mode():
             logits = np.concatenate([model(torch.from_numpy(s[None, None]))[0].numpy() for s in specs])
-        per_fold.append(activate(logits, False))
+        per_fold.append(Task(False).activate(logits))
     assert np.abs(per_fold[0] - per_fold[1]).max() > 1e-2
     for backend in ("torch", "onnx"):
         scores = Tagger.load([two_folds], backend=backend, threads=1).score_clips([{cfg: s} for s in specs])

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from library_setup import CLIPS, demo_folder, exported_run
 
-from soundtag.library import Library
-from soundtag.library import ray_engine
-from soundtag.library.engine import Job, plan, Report
-from soundtag.library.db import Database
+from soundtag.library import Library, ray_engine
+from soundtag.library.engine import Job, Report, backend_for, describe, plan
+from soundtag.predict import Tagger
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the ray extra")
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -46,8 +45,6 @@ def test_the_ray_engine_writes_the_local_engines_rows_and_resumes_from_its_shard
     # a job interrupted after its first shard: the shard is there, nothing merged
     db = tmp_path / "ray.sqlite"
     with Library(db, create=True) as lib:
-        from soundtag.library.engine import backend_for, describe
-        from soundtag.predict import Tagger
         model = describe(Tagger.load([run], backend="onnx"), [run], backend_for([run], "auto"))
         jobs, _, _ = plan(lib.db, str(folder), model.id, Report())
     readable, _ = ray_engine._split(jobs)

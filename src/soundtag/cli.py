@@ -235,9 +235,8 @@ def train(args: argparse.Namespace) -> int:
                              cache_dir=args.cache_dir)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    summary = json.loads((run.folder / "summary.json").read_text())
-    print(training.summary_table(summary))
-    print(f"run: {run.folder} (curves: {run.folder / 'curves.png'})")
+    print(training.summary_table(run.summary()))
+    print(f"run: {run.folder} (curves: {run.curves_path})")
     return 0
 
 
@@ -296,7 +295,8 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     """Score a labelled split: lwlrap, MAP@3, accuracy, per-class figures and plots."""
     from .evaluation import evaluate as run_evaluation
-    out = args.out or args.run / f"eval-{args.split}"
+    from .run import eval_folder
+    out = args.out or eval_folder(args.run, args.split)
     result = run_evaluation(load_tagger(args), read_dataset(args), args.split, out, args.cache_dir,
                             progress=not args.json)
     if args.json:
@@ -383,28 +383,33 @@ def _tag_options(p: argparse.ArgumentParser) -> None:
 @command("tag", _tag_options)
 def tag(args: argparse.Namespace) -> int:
     """Print each file's top tags; long recordings get a timeline (CSV, events, plot)."""
-    from . import audio, outputs
+    from .audio import AudioError
+    from .timeline import check_window
+    check_window(args.window, args.hop)
     tagger = load_tagger(args)
-    scores, errors = tagger.tag_files(args.files, progress=False)
-    best = outputs.top_k(scores, tagger.classes, args.top_k)
     thresholds = None
-    for i, (path, row) in enumerate(zip(args.files, best)):
-        tags = errors.get(i) or ", ".join(f"{label} {score:.2f}" for label, score in row)
-        print(f"{path}: {tags}")
-        if i in errors or audio.info(path).duration <= args.long:
+    for path in args.files:
+        try:
+            result = tagger.tag(path, args.long, args.window, args.hop)
+        except AudioError as e:
+            print(f"{path}: {e.reason}")
             continue
-        from .timeline import timeline  # plotting libraries, only for long recordings
-        thresholds = _thresholds(tagger) if thresholds is None else thresholds
-        line = timeline(tagger, path, args.window, args.hop)
-        stem = args.out / path.stem
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        line.table().to_csv(f"{stem}.timeline.csv", index=False, float_format="%.4f")
-        events = line.events(thresholds)
-        events.to_csv(f"{stem}.events.csv", index=False, float_format="%.3f")
-        line.plot(f"{stem}.timeline.png")
-        print(f"  timeline: {len(line.starts)} windows, {len(events)} events → {stem}.timeline.csv, "
-              f"{stem}.events.csv, {stem}.timeline.png")
+        print(f"{path}: " + ", ".join(f"{label} {score:.2f}" for label, score in result.top(args.top_k)))
+        if result.timeline is not None:
+            thresholds = _thresholds(tagger) if thresholds is None else thresholds
+            write_timeline(result.timeline, args.out / path.stem, thresholds)
     return 0
+
+
+def write_timeline(line, stem: Path, thresholds) -> None:
+    """A long recording's timeline as CSV, its events as CSV, and the plot."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    line.table().to_csv(f"{stem}.timeline.csv", index=False, float_format="%.4f")
+    events = line.events(thresholds)
+    events.to_csv(f"{stem}.events.csv", index=False, float_format="%.3f")
+    line.plot(f"{stem}.timeline.png")
+    print(f"  timeline: {len(line.starts)} windows, {len(events)} events → {stem}.timeline.csv, "
+          f"{stem}.events.csv, {stem}.timeline.png")
 
 
 def _thresholds(tagger) -> float | object:

@@ -140,10 +140,11 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, select_set: ClipSet, held_
     if ctx.main:
         hooks += [MetricsLog(run), Checkpoint(run)] + ([Printer(run.metric, config.epochs)] if progress else [])
     fit(state, train_set, select_set, config, run.task, ctx, hooks + extra, progress)
+    if ctx.main and config.selection == "last":
+        run.save_weights(k, model)
+    ctx.barrier()
+    model.load_state_dict(run.weights(k))  # every rank ends with the weights kept
     if ctx.main:
-        if config.selection == "last":
-            run.save_weights(k, model)
-        model.load_state_dict(run.weights(k))
         logits = clip_logits(model, held_set, config.batch_size, config.bf16, ctx.device, memory)
         run.save_fold_scores(k, run.task.activate(logits))
     ctx.barrier()

@@ -3,6 +3,7 @@ label and by similarity."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ class Library:
 
     def search(self, label: str, min_score: float = 0.0, limit: int = 50) -> list[Hit]:
         """Files tagged `label` with at least `min_score`, best first."""
-        labels = {r["label"] for r in self.db.query("SELECT DISTINCT label FROM tags")} | set(self._all_classes())
+        labels = self._all_classes()
         if label not in labels:
             raise LibraryError(f"unknown label {label!r}; labels in this library: {', '.join(sorted(labels))}")
         rows = self.db.query("SELECT f.id, f.name, f.path, t.score, f.duration FROM tags t JOIN files f "
@@ -143,9 +144,9 @@ class Library:
         return [Hit(i, by_id[i]["name"], os.fsdecode(by_id[i]["path"]), s, by_id[i]["duration"])
                 for i, s in found if i in by_id]
 
-    def _all_classes(self) -> list[str]:
-        import json
-        return [c for r in self.db.query("SELECT classes FROM models") for c in json.loads(r["classes"])]
+    def _all_classes(self) -> set[str]:
+        """The labels of every model that tagged files into the library."""
+        return {c for r in self.db.query("SELECT classes FROM models") for c in json.loads(r["classes"])}
 
 
 def _unchanged(row: Row) -> bool:

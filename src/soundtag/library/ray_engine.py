@@ -13,6 +13,7 @@ soundtag installed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -43,7 +44,7 @@ class Scorer:
         out: dict[str, list] = {c: [] for c in COLUMNS}
         clips, at = [], []
         for path, data in zip(batch["path"], batch["bytes"]):
-            path = os.path.join(os.sep, str(path)) if not str(path).startswith(os.sep) else str(path)
+            path = str(path) if str(path).startswith(os.sep) else os.sep + str(path)  # Ray may drop the root
             size, mtime, ctime = self.listed[path]
             duration, clip, error = self.decode(path, bytes(data), (size, mtime, ctime))
             for column, value in zip(COLUMNS, (path, size, mtime, ctime, _digest(bytes(data)), duration, error,
@@ -77,7 +78,6 @@ class Scorer:
 
 
 def _digest(data: bytes) -> str:
-    import hashlib
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 

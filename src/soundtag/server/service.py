@@ -21,6 +21,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 
 from .. import audio
+from ..errors import SoundtagError
 from ..library import Library
 from ..library.engine import backend_for, model_id
 from ..predict import Tagger
@@ -229,7 +230,6 @@ def spectrogram_of(spec: np.ndarray, duration: float) -> dict:
 
 
 def _thresholds(tagger: Tagger) -> list[float] | None:
-    from ..errors import SoundtagError
     try:
         return [float(t) for t in tagger.thresholds()]
     except SoundtagError:
