@@ -31,7 +31,7 @@ def test_the_waveform_front_end_is_the_samples_one_frame_each():
     np.testing.assert_array_equal(compute(wave, cfg), wave[None])
     assert cfg.n_features == 1 and cfg.frames(1234) == 1234 and cfg.seconds(RATE) == 1.0
     assert cfg.max_frames == 48 * RATE and FeatureConfig().max_frames == 4096
-    with pytest.raises(ConfigError, match="kind waveform are one frame a sample: set hop_length to 1, not 512"):
+    with pytest.raises(ConfigError, match=r"kind waveform are one frame a sample: set hop_length to 1 \(--hop-length 1\), not 512"):
         FeatureConfig(kind="waveform")
 
 

@@ -67,8 +67,8 @@ class FeatureConfig:
             raise ConfigError(f"trim_db (--trim-db) must be a positive number of dB below the peak, not "
                               f"{self.trim_db} (None, or --no-trim, keeps the silence)")
         if self.kind == "waveform" and self.hop_length != 1:
-            raise ConfigError(f"features of kind waveform are one frame a sample: set hop_length to 1, "
-                              f"not {self.hop_length}")
+            raise ConfigError(f"features of kind waveform are one frame a sample: set hop_length to 1 "
+                              f"(--hop-length 1), not {self.hop_length}")
         if self.kind == "mfcc" and not 0 < self.n_mfcc <= self.n_mels:
             raise ConfigError(f"n_mfcc must be between 1 and n_mels ({self.n_mels})")
         try:
