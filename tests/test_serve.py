@@ -203,7 +203,7 @@ def test_a_slow_client_gets_408_and_a_full_server_503(server, client):
     base, service = server
     slow = [raw_request(base, 100_000, wav_bytes(1.0)[:1000]) for _ in range(SETTINGS.max_concurrency)]
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # every slow upload admitted, even on a busy machine
         while service.in_flight < SETTINGS.max_concurrency and time.monotonic() < deadline:
             time.sleep(0.02)
         busy = client.post("/v1/tag", headers=AUTH, content=TEST_CLIP.read_bytes())
