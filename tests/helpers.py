@@ -36,6 +36,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # 86 frames a second), which hand-computed views and timelines expect.
 TINY = {"epochs": 3, "batch_size": 16, "augment": [], "optim": {"lr": 0.01}, "threads": 1,
         "model": {"name": "cnn6", "params": {"width": 0.125}}, "features": {"n_fft": 1024, "hop_length": 512}}
+# A stage of a recipe (pipeline, pseudo-labels, label spreading): one epoch of 32 clips in float32
+# (bfloat16 autocast is many times slower on these CPUs), fold 0 of two, the fast preset's front end.
+RECIPE_TINY = {"epochs": 1, "epoch_clips": 32, "batch_size": 16, "augment": [], "optim": {"lr": 0.01}, "threads": 1,
+               "bf16": False, "model": {"name": "cnn6", "params": {"width": 0.125}}, "folds": 2, "train_folds": [0]}
 
 KINDS: dict[str, tuple[Path, dict]] = {
     # single-label, FSDKaggle2018 layout

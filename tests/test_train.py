@@ -192,11 +192,11 @@ def tiny_store(tiny: Path, baseline: Run):
 
 
 def test_every_preset_resolves_and_validates():
-    assert presets() == ["fast", "kaggle2018", "kaggle2019"]
+    assert presets() == ["baseline", "fast", "fused", "kaggle2018", "kaggle2019", "quality"]
     for name in presets():
         config = resolve(name)
         config.validate()
-        assert config.epochs >= 1 and config.augment
+        assert config.epochs >= 1 and (config.augment or config.model.name == "summary")  # fitted: no batches
     fast, k2019 = resolve("fast"), resolve("kaggle2019")
     assert fast.model == ModelConfig("cnn6", {"width": 0.5, "dropout": 0.2}) and fast.train_folds == [0]
     assert k2019.model.name == "vgg" and k2019.noisy_weight == 0.5 and k2019.bf16
@@ -224,7 +224,8 @@ def test_unknown_or_invalid_options_fail_listing_the_valid_ones(overrides, words
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="unknown preset 'turbo'; valid presets: fast, kaggle2018, kaggle2019"):
+    with pytest.raises(ConfigError, match="unknown preset 'turbo'; valid presets: baseline, fast, fused, "
+                                          "kaggle2018, kaggle2019, quality"):
         resolve("turbo")
 
 
@@ -529,7 +530,7 @@ def test_train_batches_crop_between_percentiles_with_matching_targets(tiny_store
     batches = list(train_batches(clips, 16, crop, np.random.default_rng(0)))
     assert len(batches) == steps_per_epoch(n, 16) == 3
     seen = []
-    for x, y, w in batches:
+    for x, y, w, _ in batches:
         length = x.shape[-1]
         assert x.shape == (16, 1, store.config.n_mels, length) and x.dtype == torch.float32
         assert max(8, round(low)) <= length <= max(8, round(high))
@@ -542,7 +543,7 @@ def test_train_batches_crop_between_percentiles_with_matching_targets(tiny_store
                 assert any(np.array_equal(row, windows[:, s]) for s in range(windows.shape[1]))
         seen.extend(idx)
     assert set(seen) == set(range(n))
-    assert len({x.shape[-1] for x, _, _ in batches}) > 1, "each batch draws its own crop length"
+    assert len({x.shape[-1] for x, *_ in batches}) > 1, "each batch draws its own crop length"
 
 
 def test_epoch_clips_draws_a_fresh_subset_each_epoch(tiny_store):
@@ -552,8 +553,8 @@ def test_epoch_clips_draws_a_fresh_subset_each_epoch(tiny_store):
     draws = []
     for seed in (0, 1):
         batches = list(train_batches(clips, 8, CropConfig(), np.random.default_rng(seed), limit=16))
-        assert len(batches) == 2 and all(len(w) == 8 for _, _, w in batches)
-        picked = np.concatenate([w.numpy() for _, _, w in batches]).astype(int)
+        assert len(batches) == 2 and all(len(w) == 8 for _, _, w, _ in batches)
+        picked = np.concatenate([w.numpy() for _, _, w, _ in batches]).astype(int)
         assert len(set(picked)) == 16
         draws.append(set(picked))
     assert draws[0] != draws[1]
@@ -571,7 +572,7 @@ def test_two_ranks_take_disjoint_shares_of_each_step(tiny_store):
     ranks = [list(train_batches(clips, 8, crop, np.random.default_rng(7), rank, 2)) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == steps_per_epoch(n, 8, 2) == 2
     everything = []
-    for (x0, _, w0), (x1, _, w1) in zip(*ranks):
+    for (x0, _, w0, _), (x1, _, w1, _) in zip(*ranks):
         assert x0.shape == x1.shape, "the ranks of a step crop to the same length"
         a, b = set(w0.numpy().astype(int)), set(w1.numpy().astype(int))
         assert len(a) == len(b) == 8 and not a & b
@@ -773,7 +774,8 @@ def test_loss_registry_takes_per_clip_weights(tiny, tmp_path, monkeypatch):
     assert torch.allclose(Task(True).loss(logits, y, name="scaled_squared"), per_clip.mean() / 3)
 
     TrainConfig(loss="scaled_squared", loss_params={"scale": 2.0}).validate()
-    with pytest.raises(ConfigError, match=r"unknown loss 'nope'; valid \w+: bce, cross_entropy, scaled_squared$"):
+    with pytest.raises(ConfigError, match=r"unknown loss 'nope'; valid \w+: bce, bootstrap_soft, cross_entropy, lq, "
+                                         r"scaled_squared$"):
         TrainConfig(loss="nope").validate()
     with pytest.raises(ConfigError, match=r"loss 'scaled_squared' got unknown parameter\(s\) power; accepted: scale"):
         TrainConfig(loss="scaled_squared", loss_params={"power": 2}).validate()

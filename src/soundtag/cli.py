@@ -180,8 +180,17 @@ def features(args: argparse.Namespace) -> int:
 def _train_options(p: argparse.ArgumentParser) -> None:
     add_data_options(p, optional=True)
     p.add_argument("--out", type=Path, help="run folder to create")
-    p.add_argument("--preset", default="fast", help="starting recipe: fast, kaggle2018, kaggle2019")
-    p.add_argument("--config", type=Path, help="YAML file of options over the preset")
+    add_training_options(p)
+    p.add_argument("--init", type=Path, help="start from this run's weights (head replaced if classes differ)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    add_cache_options(p)
+
+
+def add_training_options(p: argparse.ArgumentParser, config: str = "--config") -> None:
+    """The preset, a YAML file over it (the `config` flag) and the options `train_overrides` reads."""
+    p.add_argument("--preset", default="fast", help="starting recipe: fast, baseline, fused, kaggle2018, kaggle2019")
+    p.add_argument(config, type=Path, help="YAML file of training options over the preset")
     p.add_argument("--folds", help="K for stratified K-fold (all folds trained), or 'own' for the dataset's folds")
     p.add_argument("--fold", type=bounded(int, 0, MAX_FOLDS - 1), action="append",
                    help="train only this fold (repeatable)")
@@ -190,11 +199,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="network name (see the README for the list)")
     p.add_argument("--threads", type=THREADS, help="torch threads (default: up to 2)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
-    p.add_argument("--init", type=Path, help="start from this run's weights (head replaced if classes differ)")
     p.add_argument("--corrections", help="label corrections file (from `soundtag review`, edited) to train with")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
-    add_cache_options(p)
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -588,6 +593,49 @@ def review(args: argparse.Namespace) -> int:
         print(f"| {rank} | {printable(row.fname)} | {row.old_labels} | {row.disagreement:.3f} | {row.predicted} |")
     print(f"{len(frame)} clips written to {args.out}: edit new_labels, then train with `corrections: {args.out}`")
     return 0
+
+
+def _recipe_options(p: argparse.ArgumentParser) -> None:
+    add_data_options(p)
+    p.add_argument("--out", type=Path, required=True, help="folder of the recipe's runs and report (rerun to resume)")
+    p.add_argument("--config", type=Path, help="YAML file of the recipe's settings (default: its defaults)")
+    add_training_options(p, "--train-config")
+    p.add_argument("--force", action="store_true", help="replace the folder instead of resuming it")
+    add_cache_options(p)
+
+
+def _recipe(args: argparse.Namespace, settings_type: type, run: Callable) -> int:
+    """Settings and training config checked, then the recipe run (or resumed) and its report printed."""
+    from .config import resolve
+    from .pipeline import REPORT, load_settings
+    settings = load_settings(settings_type, args.config)
+    base = resolve(args.preset, args.train_config, train_overrides(args))
+    settings.validate(base)
+    folder = run(read_dataset(args), settings, base, args.out, force=args.force, cache_dir=args.cache_dir)
+    print((folder / REPORT).read_text().split("\n## ")[0].strip())
+    print(f"report: {folder / REPORT}; tag with the folder as a RUN (its ensemble.json)")
+    return 0
+
+
+@command("pipeline", _recipe_options)
+def pipeline(args: argparse.Namespace) -> int:
+    """Staged warm-up: noisy clips, curated, + selected noisy, + strictly selected noisy; ensemble of stages 2-4."""
+    from .pipeline import PipelineConfig, run_pipeline
+    return _recipe(args, PipelineConfig, run_pipeline)
+
+
+@command("pseudo", _recipe_options)
+def pseudo(args: argparse.Namespace) -> int:
+    """Pseudo-label a pool (unverified, noisy or test clips) over iterations with a scheduled threshold."""
+    from .semi import PseudoConfig, run_pseudo
+    return _recipe(args, PseudoConfig, run_pseudo)
+
+
+@command("spread", _recipe_options)
+def spread(args: argparse.Namespace) -> int:
+    """Keep the unverified clips whose label spreading over embeddings agrees with their given label."""
+    from .semi import SpreadConfig, run_spread
+    return _recipe(args, SpreadConfig, run_spread)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,10 @@ A row holds the clip's file and name, its labels, the fold it is held out in
 (-1: never held out), its loss weight, its origin (curated, unverified, noisy,
 pseudo, selected, augmented) and the folds it trains in (empty: every fold
 where it is not held out), so that a stage of a pipeline can give each fold its
-own training clips. A run saves its table as `clips.csv`; `--resume` reads it back.
+own training clips. An augmentation copy (copies.py) is a row of origin
+augmented with its source's file and the variant it was remade as; it is never
+held out, and never trains a fold where its source is held out or picks the epoch.
+A run saves its table as `clips.csv`; `--resume` reads it back.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ class ClipTable:
     weight: np.ndarray
     origin: np.ndarray
     train_folds: list[tuple[int, ...]] = field(default_factory=list)
+    variant: list[str] = field(default_factory=list)  # a copy's variant key (copies.py); "": the clip as recorded
 
     def __post_init__(self) -> None:
         n = len(self.files)
         if not self.train_folds:
             self.train_folds = [()] * n
-        for name in ("names", "targets", "fold", "weight", "origin", "train_folds"):
+        if not self.variant:
+            self.variant = [""] * n
+        for name in ("names", "targets", "fold", "weight", "origin", "train_folds", "variant"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"ClipTable.{name} has {len(getattr(self, name))} rows, files has {n}")
         unknown = sorted(set(self.origin.tolist()) - set(ORIGINS))
@@ -65,7 +71,8 @@ class ClipTable:
         idx = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask, dtype=np.int64)
         return replace(self, files=[self.files[i] for i in idx], names=[self.names[i] for i in idx],
                        targets=self.targets[idx], fold=self.fold[idx], weight=self.weight[idx],
-                       origin=self.origin[idx], train_folds=[self.train_folds[i] for i in idx])
+                       origin=self.origin[idx], train_folds=[self.train_folds[i] for i in idx],
+                       variant=[self.variant[i] for i in idx])
 
     def join(self, other: ClipTable) -> ClipTable:
         """This table's rows followed by `other`'s (same classes)."""
@@ -76,7 +83,7 @@ class ClipTable:
                        fold=np.concatenate([self.fold, other.fold]),
                        weight=np.concatenate([self.weight, other.weight]),
                        origin=np.concatenate([self.origin, other.origin]),
-                       train_folds=self.train_folds + other.train_folds)
+                       train_folds=self.train_folds + other.train_folds, variant=self.variant + other.variant)
 
     @property
     def held_out_candidates(self) -> np.ndarray:
@@ -84,13 +91,19 @@ class ClipTable:
         return np.isin(self.origin, HELD_OUT)
 
     def training(self, k: int) -> np.ndarray:
-        """Mask of the clips fold k trains on."""
+        """Mask of the clips fold k trains on (never a copy of a clip it holds out)."""
         allowed = np.array([not only or k in only for only in self.train_folds], bool)
-        return (self.fold != k) & allowed
+        return (self.fold != k) & allowed & ~self.copies_of(self.validation(k))
 
     def validation(self, k: int) -> np.ndarray:
-        """Mask of the clips held out in fold k."""
-        return self.fold == k
+        """Mask of the clips held out in fold k (never a copy)."""
+        return (self.fold == k) & (self.origin != "augmented")
+
+    def copies_of(self, mask: np.ndarray) -> np.ndarray:
+        """Mask of the augmentation copies of the clips in `mask`: the augmented rows of their files."""
+        copies = self.origin == "augmented"
+        sources = {self.files[i] for i in np.flatnonzero(mask & ~copies)}
+        return copies & np.array([f in sources for f in self.files], bool)
 
     def labels(self, i: int) -> list[str]:
         return [self.classes[j] for j in np.flatnonzero(self.targets[i])]
@@ -101,6 +114,7 @@ class ClipTable:
             "labels": [",".join(self.labels(i)) for i in range(len(self))],
             "fold": self.fold, "weight": self.weight, "origin": self.origin,
             "train_folds": [" ".join(map(str, only)) for only in self.train_folds],
+            **({"variant": self.variant} if any(self.variant) else {}),  # only tables with copies have one
         }).to_csv(path, index=False, float_format="%.9g")
 
     @classmethod
@@ -124,7 +138,8 @@ class ClipTable:
             return cls(classes, multilabel, frame["file"].tolist(), frame["fname"].tolist(), targets,
                        frame["fold"].astype(np.int64).to_numpy(), frame["weight"].astype(np.float32).to_numpy(),
                        frame["origin"].to_numpy().astype("<U10"),
-                       [tuple(int(k) for k in s.split()) for s in frame["train_folds"]])
+                       [tuple(int(k) for k in s.split()) for s in frame["train_folds"]],
+                       frame["variant"].tolist() if "variant" in frame.columns else [])
         except ValueError as e:
             raise DataError(f"{path}: bad value in the clip table ({e})") from None
 
@@ -141,3 +156,11 @@ def noisy_policy(table: ClipTable, policy: str, weight: float) -> ClipTable:
             raise DataError("noisy: only was asked for, but the dataset has no noisy clips")
         return table.select(noisy)
     return replace(table, weight=np.where(noisy, np.float32(weight), table.weight).astype(np.float32))
+
+
+def weigh_origins(table: ClipTable, factors: dict[str, float]) -> ClipTable:
+    """Each clip's loss weight times its origin's factor (1 for origins not named)."""
+    weight = table.weight.astype(np.float32)
+    for origin, factor in factors.items():
+        weight[table.origin == origin] *= np.float32(factor)
+    return replace(table, weight=weight)

@@ -61,6 +61,16 @@ class OptimConfig:
 
 
 @dataclass
+class AverageConfig:
+    """Weight averaging: `kind` ema (after every step) or swa (at every epoch end),
+    from `start` (a share of the steps or epochs); `decay` is EMA's, per step."""
+
+    kind: str = "ema"
+    start: float = 0.75
+    decay: float = 0.999
+
+
+@dataclass
 class TrainConfig:
     """Everything that decides how a run trains."""
 
@@ -69,6 +79,7 @@ class TrainConfig:
     crop: CropConfig = field(default_factory=CropConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: list[dict[str, Any]] = field(default_factory=list)
+    copies: list[dict[str, float]] | None = None  # offline copies of each training clip: [{pitch, stretch}, ...]
     epochs: int = 30
     epoch_clips: int | None = None
     batch_size: int = 32
@@ -79,10 +90,14 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss: str | None = None  # default: the task's (bce for multi-label sets, cross_entropy otherwise)
     loss_params: dict[str, Any] = field(default_factory=dict)
+    origin_loss: dict[str, dict[str, Any]] = field(default_factory=dict)  # origin → {name, params}: its clips' loss
+    average: AverageConfig | None = None  # EMA or SWA of the weights, kept as the fold's weights
     folds: int | str = 5
     train_folds: list[int] | None = None
     noisy: str = "include"
     noisy_weight: float = 1.0
+    origin_weights: dict[str, float] = field(default_factory=dict)  # origin → loss-weight factor
+    batch_shares: dict[str, float] | None = None  # origin → share of every batch; None: plain shuffle
     corrections: str | None = None  # a label corrections CSV (fname, old_labels, new_labels) from `soundtag review`
     threads: int = 0
     bf16: bool = False
@@ -94,11 +109,14 @@ class TrainConfig:
         from . import augment, optim
         optim.OPTIMIZERS.get(self.optim.name)
         optim.check_schedule(self.optim)
-        _choice("pad mode", self.crop.pad_mode, augment.PAD_MODES)
+        check_choice("pad mode", self.crop.pad_mode, augment.PAD_MODES)
         from .clips import NOISY_POLICIES
         from .task import check_loss
-        _choice("noisy", self.noisy, NOISY_POLICIES)
+        check_choice("noisy", self.noisy, NOISY_POLICIES)
         check_loss(self.loss, self.loss_params)
+        self._check_origin_options()
+        from .copies import variants
+        variants(self.copies)
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":
             raise ConfigError(f"folds must be a whole number ≥ 2 or 'own', not {self.folds!r}")
         if not 0 <= self.crop.low_pct <= self.crop.high_pct <= 100:
@@ -108,7 +126,7 @@ class TrainConfig:
             raise ConfigError(f"epoch_clips must be at least 1 (or left out), not {self.epoch_clips}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
-        _choice("selection", self.selection, SELECTIONS)
+        check_choice("selection", self.selection, SELECTIONS)
         if not 0 < self.inner_fraction < 1 or not 0 <= self.early_stop_from <= 1:
             raise ConfigError(f"inner_fraction must be between 0 and 1 (not {self.inner_fraction}) and "
                               f"early_stop_from between 0 and 1 (not {self.early_stop_from})")
@@ -122,12 +140,51 @@ class TrainConfig:
         except (TypeError, IndexError, OverflowError) as e:  # a component's parameter of the wrong kind
             raise ConfigError(f"model or augmentation parameters: {' '.join(str(e).split())}") from None
 
+    def _check_origin_options(self) -> None:
+        """origin_weights, batch_shares, origin_loss and average."""
+        from .averaging import AVERAGES
+        from .clips import ORIGINS
+        from .loader import share_counts
+        from .task import check_loss
+        for what in ("origin_weights", "batch_shares", "origin_loss"):
+            for origin, value in (getattr(self, what) or {}).items():
+                if origin not in ORIGINS:
+                    raise ConfigError(f"unknown origin {origin!r} in {what}; valid: {', '.join(ORIGINS)}")
+                if what != "origin_loss" and not value > 0:
+                    raise ConfigError(f"{what}.{origin} must be above 0, not {value}")
+        noisy = self.origin_weights.get("noisy", self.noisy_weight)
+        if self.noisy_weight not in (1, noisy):
+            raise ConfigError(f"noisy_weight ({self.noisy_weight}) and origin_weights.noisy ({noisy}) both set "
+                              "the noisy clips' loss weight; give it once")
+        if self.batch_shares is not None:
+            if not math.isclose(sum(self.batch_shares.values()), 1, abs_tol=1e-6):
+                raise ConfigError(f"batch_shares must add up to 1, not {sum(self.batch_shares.values()):g}")
+            few = [o for o, n in share_counts(self.batch_shares, self.batch_size).items() if n == 0]
+            if few:
+                raise ConfigError(f"batch_shares: {few[0]}'s share {self.batch_shares[few[0]]} of batch_size "
+                                  f"{self.batch_size} is less than one clip")
+        for origin, spec in self.origin_loss.items():
+            if not isinstance(spec.get("name"), str) or set(spec) - {"name", "params"} or \
+                    not isinstance(spec.get("params", {}), dict):
+                raise ConfigError(f"origin_loss.{origin} must be {{name: LOSS, params: {{...}}}} (params optional), "
+                                  f"not {_shown(spec)}")
+            try:
+                check_loss(spec["name"], spec.get("params", {}))
+            except ConfigError as e:
+                raise ConfigError(f"origin_loss.{origin}: {e}") from None
+        if self.average is not None:
+            AVERAGES.get(self.average.kind)
+            if not 0 <= self.average.start < 1:
+                raise ConfigError(f"average.start must be at least 0 and below 1, not {self.average.start}")
+            if not 0 < self.average.decay < 1:
+                raise ConfigError(f"average.decay must be between 0 and 1, not {self.average.decay}")
+
     def create_model(self, num_classes: int) -> torch.nn.Module:
         """The configured network for `num_classes` classes, freshly initialised."""
         from . import models
         models.check_features(self.model.name, self.features.kind)
-        return models.create_model(self.model.name, num_classes, n_mels=self.features.n_features,
-                                   **self.model.params)
+        return models.create_model(self.model.name, num_classes, self.features,
+                                   n_mels=self.features.n_features, **self.model.params)
 
     def num_threads(self) -> int:
         return self.threads or min(os.cpu_count() or 1, 2)
@@ -137,15 +194,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, "config")
+        return build_dataclass(cls, data, "config")
 
 
-def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str):
+def build_dataclass(cls: type, data: dict[str, Any], where: str):
     """Instantiate dataclass `cls` from nested dicts, rejecting unknown keys and
     values that do not match their field's annotation; `where` names the source."""
     if not isinstance(data, dict):
@@ -157,8 +214,11 @@ def _build(cls: type, data: dict[str, Any], where: str):
     values = {}
     for name, value in data.items():
         hint = hints[name]
+        optional = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
         if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
-            value = _build(hint, value, f"{where}.{name}")
+            value = build_dataclass(hint, value, f"{where}.{name}")
+        elif optional is not None and isinstance(value, dict):  # a section that may be null
+            value = build_dataclass(optional, value, f"{where}.{name}")
         elif not _matches(value, hint):
             raise ConfigError(f"{where}.{name} must be {_describe(hint)}, not {_shown(value)}")
         values[name] = value
@@ -194,7 +254,7 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is list:
         return f"a list of items each {_describe(args[0])}"
-    if origin is dict:
+    if origin is dict or dataclasses.is_dataclass(hint):
         return "a mapping"
     return TYPE_WORDS.get(hint, hint.__name__)
 
@@ -259,7 +319,7 @@ def resolve(preset: str | None = "fast", file: str | Path | None = None,
         data = yaml.safe_load(resources.files("soundtag.presets").joinpath(f"{preset}.yaml").read_text())
     if file:
         data = merge(data, load_yaml(file))
-        _build(TrainConfig, data, f"{file}: config")  # so that a wrong value names the file
+        build_dataclass(TrainConfig, data, f"{file}: config")  # so that a wrong value names the file
     data = merge(data, overrides or {})
     config = TrainConfig.from_dict(data)
     config.validate()

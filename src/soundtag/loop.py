@@ -25,7 +25,7 @@ from .distributed import Context
 from .errors import SoundtagError
 from .loader import ClipSet, eval_batches, train_batches
 from .run import Run
-from .task import Task
+from .task import Task, weighted_mean
 
 
 class TrainingDiverged(SoundtagError):
@@ -74,6 +74,9 @@ class Hook:
     def batch_end(self, state: FoldState, x: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor) -> None: ...
 
     def epoch_end(self, state: FoldState, record: EpochRecord) -> None: ...
+
+    def end(self, state: FoldState) -> None:
+        """After the last epoch (also when a resumed fold had nothing left to train)."""
 
 
 class Resume(Hook):
@@ -177,6 +180,8 @@ def fit(state: FoldState, train_set: ClipSet, val_set: ClipSet, config: TrainCon
         for hook in hooks:
             hook.epoch_end(state, record)
         ctx.barrier()
+    for hook in hooks:
+        hook.end(state)
 
 
 def run_epoch(state: FoldState, net: torch.nn.Module, train_set: ClipSet, val_set: ClipSet,
@@ -191,11 +196,18 @@ def run_epoch(state: FoldState, net: torch.nn.Module, train_set: ClipSet, val_se
     train_loss, rate = train_epoch(state, net, train_set, config, task, transforms, rng, gen, ctx, hooks,
                                    desc, progress and ctx.main)
     ctx.sync_buffers(state.model)
-    logits = clip_logits(state.model, val_set, config.batch_size, config.bf16, ctx.device, memory_format(config))
-    val_loss = task.loss(torch.from_numpy(logits), torch.from_numpy(val_set.targets)).item()
-    scores = task.activate(logits)
-    return EpochRecord(epoch + 1, train_loss, val_loss, task.score(val_set.targets, scores), scores,
+    val_loss, figure, scores = evaluate(state.model, val_set, config, task, ctx.device)
+    return EpochRecord(epoch + 1, train_loss, val_loss, figure, scores,
                        state.optimizer.param_groups[0]["lr"], rate, time.perf_counter() - start)
+
+
+def evaluate(model: torch.nn.Module, clips: ClipSet, config: TrainConfig, task: Task,
+             device: torch.device) -> tuple[float, float, np.ndarray]:
+    """A model's (unweighted) loss, task figure and scores on whole clips."""
+    logits = clip_logits(model, clips, config.batch_size, config.bf16, device, memory_format(config))
+    scores = task.activate(logits)
+    return (task.loss(torch.from_numpy(logits), torch.from_numpy(clips.targets)).item(),
+            task.score(clips.targets, scores), scores)
 
 
 def train_epoch(state: FoldState, net: torch.nn.Module, clips: ClipSet, config: TrainConfig, task: Task,
@@ -207,14 +219,15 @@ def train_epoch(state: FoldState, net: torch.nn.Module, clips: ClipSet, config: 
     bar = tqdm(total=state.steps * config.batch_size, unit="clip", desc=desc, leave=False,
                disable=not progress, dynamic_ncols=True)
     total, start = 0.0, time.perf_counter()
-    for x, y, w in train_batches(clips, config.batch_size, config.crop, rng, ctx.rank, ctx.world,
-                                 config.epoch_clips):
+    for x, y, w, idx in train_batches(clips, config.batch_size, config.crop, rng, ctx.rank, ctx.world,
+                                      config.epoch_clips, config.batch_shares):
         x, y, w = x.to(ctx.device), y.to(ctx.device), w.to(ctx.device)
         x, y = transforms(x, y, gen)
         x = x.contiguous(memory_format=memory)
         with autocast(config.bf16, ctx.device):
             logits, _, *extra = net(x)
-        loss = batch_loss(task, config, logits, extra[0] if extra else [], y, w)
+        loss = batch_loss(task, config, logits, extra[0] if extra else [], y, w,
+                          clips.origins[idx] if config.origin_loss else None)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -234,20 +247,46 @@ def train_epoch(state: FoldState, net: torch.nn.Module, clips: ClipSet, config: 
 
 
 def batch_loss(task: Task, config: TrainConfig, logits: torch.Tensor,
-               extra_heads: list[tuple[float, torch.Tensor]], y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The task loss of the logits, plus each extra head's task loss times its weight."""
-    loss = task.loss(logits.float(), y, w, config.label_smoothing, config.loss, config.loss_params)
+               extra_heads: list[tuple[float, torch.Tensor]], y: torch.Tensor, w: torch.Tensor,
+               origins: np.ndarray | None = None) -> torch.Tensor:
+    """The task loss of the logits, plus each extra head's task loss times its
+    weight; with `origin_loss`, the clips of each origin it names (`origins`:
+    the batch's) take that origin's loss."""
+    loss = weighted_loss(task, config, logits, y, w, origins)
     for weight, head in extra_heads:
-        loss = loss + weight * task.loss(head.float(), y, w, config.label_smoothing, config.loss, config.loss_params)
+        loss = loss + weight * weighted_loss(task, config, head, y, w, origins)
     return loss
+
+
+def weighted_loss(task: Task, config: TrainConfig, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                  origins: np.ndarray | None) -> torch.Tensor:
+    """The weighted mean over the batch of each clip's loss: the config's, or its origin's."""
+    if not config.origin_loss:
+        return task.loss(logits.float(), y, w, config.label_smoothing, config.loss, config.loss_params)
+    per_clip = task.clip_losses(logits.float(), y, config.label_smoothing, config.loss, config.loss_params)
+    for origin, spec in config.origin_loss.items():
+        mine = torch.from_numpy(origins == origin).to(per_clip.device)
+        if mine.any():
+            other = task.clip_losses(logits.float(), y, config.label_smoothing, spec["name"], spec.get("params"))
+            per_clip = torch.where(mine, other, per_clip)
+    return weighted_mean(per_clip, w)
 
 
 def memory_format(config: TrainConfig) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 runs natively on `device`: on a CPU only with AVX512-BF16
+    or AMX; without them torch emulates it, tens of times slower than float32."""
+    return device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def autocast(bf16: bool, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    """bfloat16 autocast where asked for and native (float32 otherwise)."""
+    if bf16 and native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.inference_mode()

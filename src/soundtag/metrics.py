@@ -24,6 +24,7 @@ from sklearn.metrics import precision_recall_curve
 __all__ = [
     "lwlrap_per_class",
     "lwlrap",
+    "lwlrap_per_clip",
     "map_at_k",
     "top_k_accuracy",
     "average_precision_per_class",
@@ -130,6 +131,17 @@ def lwlrap(truth: np.ndarray, scores: np.ndarray) -> float:
     if weight.sum() == 0:
         return float("nan")
     return float(np.sum(per_class * weight))
+
+
+def lwlrap_per_clip(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each clip's own lwlrap (its label-ranking average precision): the mean
+    precision at the ranks of its positive labels; 1 when they are its top
+    scores; NaN for a clip without labels."""
+    truth, scores = _validate(truth, scores)
+    hits, rank = _pessimistic_precisions(truth, scores)
+    precision = np.where(truth, hits / np.maximum(rank, 1), 0.0)
+    n_pos = truth.sum(axis=1)
+    return np.divide(precision.sum(axis=1), n_pos, out=np.full(len(n_pos), np.nan), where=n_pos > 0)
 
 
 def _check_k(k: int) -> None:

@@ -7,11 +7,13 @@ its runs' scores) and an ensemble of either are peers behind one protocol:
 where each clip is a {FeatureConfig: features [n_features, frames]} mapping.
 Scores are combined over views, then over folds, then over the members of an
 ensemble, by arithmetic or geometric mean; an ensemble's embedding joins its
-members' unit-length embeddings.
+members' unit-length embeddings. An ensemble folder (`ensemble.json`: its
+members, weights and mean) loads like a run, e.g. a pipeline's stages.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,9 +29,8 @@ from .errors import ConfigError
 from .features import FeatureConfig
 from .registry import Registry
 from .loader import eval_batches
-from .run import Run, RunError
+from .run import Run, RunError, found_path, stored_path
 from .store import one_torch_thread
-from .task import Task
 from .tta import MEANS, TTA
 
 Clip = dict[FeatureConfig, np.ndarray]
@@ -246,12 +247,53 @@ def _name(scorer: Scorer) -> str:
     return getattr(scorer, "name", type(scorer).__name__)
 
 
+ENSEMBLE = "ensemble.json"  # an ensemble folder's members (kept absolute and relative), weights and mean
+
+
+def is_ensemble(folder: str | Path) -> bool:
+    return (Path(folder) / ENSEMBLE).is_file()
+
+
+def write_ensemble(folder: str | Path, members: Sequence[str | Path], weights: Sequence[float] | None = None,
+                   mean: str = "arithmetic") -> Path:
+    """Make `folder` an ensemble of run, stack or ensemble folders that every
+    command taking a RUN scores with (e.g. a pipeline's stages)."""
+    folder = Path(folder)
+    weights = list(weights) if weights is not None else [1.0] * len(members)
+    check_weights(weights)
+    if mean not in MEANS or len(weights) != len(members):
+        raise ConfigError(f"an ensemble of {len(members)} needs as many weights (not {len(weights)}) "
+                          f"and a mean among {', '.join(MEANS)} (not {mean!r})")
+    info = {"members": [stored_path(m, folder) for m in members], "weights": weights, "mean": mean}
+    (folder / ENSEMBLE).write_text(json.dumps(info, indent=1))
+    return folder / ENSEMBLE
+
+
+def read_ensemble(folder: str | Path) -> tuple[list[Path], list[float], str]:
+    """An ensemble folder's members (found even when moved together with it), weights and mean."""
+    path = Path(folder) / ENSEMBLE
+    try:
+        info = json.loads(path.read_text())
+        return [found_path(m, Path(folder)) for m in info["members"]], list(info["weights"]), info["mean"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: damaged ensemble file ({e})") from None
+
+
+def load_ensemble(folder: str | Path, backend: str = "torch", tta: TTA = TTA(), mean: str = "arithmetic",
+                  threads: int = 0) -> Ensemble:
+    """An ensemble folder's members, combined by its weights and mean (`mean` combines each member's folds)."""
+    members, weights, combined = read_ensemble(folder)
+    return Ensemble([load_scorer(m, backend, tta, mean, threads) for m in members], weights, combined)
+
+
 def load_scorer(folder: str | Path, backend: str = "torch", tta: TTA = TTA(), mean: str = "arithmetic",
                 threads: int = 0) -> Scorer:
-    """A run folder or a stack folder as a scorer."""
+    """A run, stack or ensemble folder as a scorer."""
     from .stack import StackScorer, is_stack
     if is_stack(folder):
         return StackScorer(folder, backend, tta, mean, threads)
+    if is_ensemble(folder):
+        return load_ensemble(folder, backend, tta, mean, threads)
     run = Run.open(folder)
     return RunScorer(run, networks(run, backend), tta, mean, threads)
 

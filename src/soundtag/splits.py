@@ -65,8 +65,8 @@ def inner_split(table: ClipTable, training: np.ndarray, fraction: float, seed: i
     epoch: a stratified `fraction` of those whose labels are trusted. Classes
     with fewer than two such clips keep them all in training."""
     pool = np.flatnonzero(training & table.held_out_candidates)
-    if not len(pool):
-        pool = np.flatnonzero(training)
+    if not len(pool):  # any clip but an augmentation copy
+        pool = np.flatnonzero(training & (table.origin != "augmented"))
     targets = table.targets[pool]
     out = np.zeros(len(table), bool)
     if table.multilabel:

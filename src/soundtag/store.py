@@ -14,6 +14,8 @@ One folder per front end and storage type, `ROOT/<FeatureConfig.key()>-<dtype>/`
   are the clip's byte range in data.bin, `crc` its zlib.crc32; `reason` says
   why an unreadable clip has no features (empty otherwise); `check` is the
   crc32 of the line before it. A later line for a key supersedes earlier ones.
+  An augmentation copy (copies.py) is keyed by the hash of its file's key and
+  its variant (`pitch=2`), so each variant of a clip is a clip of its own.
 - `lock`: locked (fcntl.lockf) by the one process appending at a time.
 
 A clip's data is written and flushed before its index line, so a killed run
@@ -35,8 +37,9 @@ import os
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,6 +47,9 @@ from tqdm import tqdm
 
 from . import audio, features
 from .features import FeatureConfig
+
+if TYPE_CHECKING:
+    from .copies import Variant
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,13 @@ def file_key(path: str) -> str:
     h = hashlib.blake2b(os.fsencode(os.path.abspath(path)), digest_size=16)
     h.update(b"\0%d\0%d\0%08x%08x" % (st.st_size, st.st_mtime_ns, zlib.crc32(head), zlib.crc32(tail)))
     return h.hexdigest()
+
+
+def variant_key(key: str | None, variant: Variant | None) -> str | None:
+    """The key of a copy of the clip keyed `key` (the clip's own key without a variant)."""
+    if key is None or variant is None:
+        return key
+    return hashlib.blake2b(f"{key}\0{variant.key()}".encode(), digest_size=16).hexdigest()
 
 
 def _identities(files: list[str]) -> tuple[list[str | None], dict[int, str]]:
@@ -197,6 +210,7 @@ class FeatureStore:
     frames: np.ndarray
     errors: dict[int, str]
     data: np.ndarray  # [rows, n_features], a memory map of data.bin
+    variants: list[str] = field(default_factory=list)  # each clip's variant key ("": as recorded); empty: none
 
     def __len__(self) -> int:
         return len(self.files)
@@ -216,18 +230,21 @@ class FeatureStore:
         return mask
 
     def failures(self) -> dict[str, str]:
-        """Unreadable files and why."""
-        return {self.files[i]: reason for i, reason in sorted(self.errors.items())}
+        """Unreadable files (a copy: the file and its variant in brackets) and why."""
+        named = [f"{f} [{v}]" if v else f for f, v in zip(self.files, self.variants)] if self.variants else self.files
+        return {named[i]: reason for i, reason in sorted(self.errors.items())}
 
 
 def extract(files: Sequence[str | Path], config: FeatureConfig, cache_dir: str | Path | None = None,
-            workers: int | None = None, dtype: str = "float16", progress: bool = True) -> FeatureStore:
+            workers: int | None = None, dtype: str = "float16", progress: bool = True,
+            variants: Sequence[Variant | None] | None = None) -> FeatureStore:
     """The features of `files`, computing only the clips the store lacks.
 
     Clips are found by file identity, so any subset or order of stored clips
     is a lookup. Unreadable clips are recorded with their reason and retried
     only once the file changes. Another process writing the same store is
-    waited for.
+    waited for. `variants[i]`, where given and not None, makes clip i an
+    augmentation copy of `files[i]`: remade so before its features are computed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown feature dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -235,6 +252,8 @@ def extract(files: Sequence[str | Path], config: FeatureConfig, cache_dir: str |
     folder = store_folder(config, dtype, cache_dir)
     _prepare(folder, config, dtype)
     keys, unopenable = _identities(files)
+    variants = list(variants) if variants is not None else [None] * len(files)
+    keys = [variant_key(key, variant) for key, variant in zip(keys, variants)]
     snapshot = Snapshot.read(folder)
     found = snapshot.verified(files, keys, {})
     if any(key and key not in found for key in keys):
@@ -244,8 +263,10 @@ def extract(files: Sequence[str | Path], config: FeatureConfig, cache_dir: str |
             todo = _missing(keys, found)
             if todo:
                 found.update(_append(folder, snapshot.end, files, keys, todo, config, dtype, workers,
-                                     progress))
-    return _view(folder, config, dtype, files, keys, found, unopenable)
+                                     progress, variants))
+    view = _view(folder, config, dtype, files, keys, found, unopenable)
+    view.variants = [v.key() if v else "" for v in variants] if any(variants) else []
+    return view
 
 
 def _prepare(folder: Path, config: FeatureConfig, dtype: str) -> None:
@@ -285,7 +306,8 @@ def _missing(keys: list[str | None], found: dict[str, Entry]) -> list[int]:
 
 
 def _append(folder: Path, end: int, files: list[str], keys: list[str | None], todo: list[int],
-            config: FeatureConfig, dtype: str, workers: int | None, progress: bool) -> dict[str, Entry]:
+            config: FeatureConfig, dtype: str, workers: int | None, progress: bool,
+            variants: list[Variant | None]) -> dict[str, Entry]:
     """Compute the clips at `todo` and append them to data.bin after `end`, then to the index."""
     _terminate_torn_line(folder / INDEX)
     added: dict[str, Entry] = {}
@@ -294,7 +316,7 @@ def _append(folder: Path, end: int, files: list[str], keys: list[str | None], to
         requested = len(set(filter(None, keys)))
         bar = tqdm(total=requested, initial=requested - len(todo), unit="clip", desc="features",
                    disable=not progress, dynamic_ncols=True)
-        for i, spec, error in compute_all(files, todo, config, dtype, workers):
+        for i, spec, error in compute_all(files, todo, config, dtype, workers, variants):
             entry = Entry(end, 0, 0, 0, " ".join(error.split()))
             if spec is not None:
                 rows = np.ascontiguousarray(spec.T)
@@ -362,10 +384,10 @@ class _OneTorchThread:
 one_torch_thread = _OneTorchThread()
 
 
-def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype: str,
-                 workers: int | None) -> Iterator[tuple[int, np.ndarray | None, str]]:
+def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype: str, workers: int | None,
+                variants: Sequence[Variant | None] | None = None) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """(position, features or None, error) for each clip in `todo`, in order."""
-    jobs = [(i, files[i], config, dtype) for i in todo]
+    jobs = [(i, files[i], config, dtype, variants[i] if variants else None) for i in todo]
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
     if workers <= 1:
         with one_torch_thread():  # one clip's STFT gains nothing from more, and suffers on a busy machine
@@ -376,16 +398,17 @@ def compute_all(files: list[str], todo: list[int], config: FeatureConfig, dtype:
         yield from pool.imap(_compute_one, jobs, chunksize=4)
 
 
-def _compute_one(job: tuple[int, str, FeatureConfig, str]) -> tuple[int, np.ndarray | None, str]:
-    i, path, config, dtype = job
-    specs, error = clip_features(path, [config], dtype)
+def _compute_one(job: tuple[int, str, FeatureConfig, str, Variant | None]) -> tuple[int, np.ndarray | None, str]:
+    i, path, config, dtype, variant = job
+    specs, error = clip_features(path, [config], dtype, variant)
     return i, None if specs is None else specs[0], error
 
 
-def clip_features(path: str, configs: Sequence[FeatureConfig],
-                  dtype: str = "float32") -> tuple[list[np.ndarray] | None, str]:
+def clip_features(path: str, configs: Sequence[FeatureConfig], dtype: str = "float32",
+                  variant: Variant | None = None) -> tuple[list[np.ndarray] | None, str]:
     """A clip's features under each config, decoding it once per sample rate and
-    trim; or None and the reason the clip is unreadable."""
+    trim (and remaking it as `variant`, if given); or None and the reason the
+    clip is unreadable."""
     waves: dict[tuple[int, float | None], np.ndarray] = {}
     try:
         for c in configs:
@@ -393,4 +416,9 @@ def clip_features(path: str, configs: Sequence[FeatureConfig],
                 waves[c.sample_rate, c.trim_db] = audio.load(path, c.sample_rate, c.trim_db)
     except audio.AudioError as e:
         return None, " ".join(e.reason.split())
+    if variant is not None:
+        try:
+            waves = {(rate, trim): variant.apply(wave, rate) for (rate, trim), wave in waves.items()}
+        except ValueError as e:
+            return None, f"its copy {variant.key()} cannot be made ({' '.join(str(e).split())})"
     return [features.compute(waves[c.sample_rate, c.trim_db], c).astype(dtype) for c in configs], ""

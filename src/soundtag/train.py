@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,15 +14,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import corrections, metrics, plots
-from .clips import ClipTable, noisy_policy
+from . import copies, corrections, metrics, plots
+from .averaging import AVERAGES
+from .clips import ClipTable, noisy_policy, weigh_origins
 from .config import TrainConfig
 from .datasets import Dataset
 from .distributed import Context, setup
-from .loader import ClipSet, epoch_size, steps_per_epoch
-from .loop import (BestWeights, Checkpoint, EarlyStopping, FoldState, Hook, MetricsLog, Printer, Resume, clip_logits,
-                   fit)
-from .models import is_classifier
+from .loader import ClipSet, check_shares, epoch_size, steps_per_epoch
+from .loop import (BestWeights, Checkpoint, EarlyStopping, EpochRecord, FoldState, Hook, MetricsLog, Printer, Resume,
+                   clip_logits, evaluate, fit, native_bf16)
+from .models import init_target, is_classifier
 from .optim import build_optimizer, build_schedule, schedule_hooks
 from .run import Run, RunError
 from .splits import assign_folds, fold_ids, inner_split
@@ -35,7 +37,9 @@ def training_table(data: Dataset | ClipTable, config: TrainConfig) -> tuple[Clip
     table) under the config's noisy-clip policy and label corrections; and, for
     run.json, what the corrections changed."""
     table = data if isinstance(data, ClipTable) else ClipTable.from_dataset(data.subset("train"))
-    table = noisy_policy(table, config.noisy, config.noisy_weight)
+    factors = config.origin_weights  # its noisy entry is noisy_weight's
+    table = noisy_policy(table, config.noisy, factors.get("noisy", config.noisy_weight))
+    table = weigh_origins(table, {o: f for o, f in factors.items() if o != "noisy"})
     if not config.corrections:
         return table, {}
     table, applied = corrections.apply(table, config.corrections)
@@ -55,6 +59,11 @@ def train(data: Dataset | ClipTable, config: TrainConfig, out: str | Path, *, fo
     table = table.select(rows)
     table.fold = assign_folds(table, config.folds, config.seed)
     _folds_to_train(config, table.fold)
+    if config.copies:  # made once the folds are drawn, so that each copy follows its source
+        table = copies.add(table, copies.variants(config.copies))
+        store, rows, lost = _features(table, config, cache_dir, ctx, progress)
+        table, failures = table.select(rows), {**failures, **lost}
+    check_shares(table.origin, config.batch_shares, "the training set")
     if ctx.main:
         source = {**(data.source if isinstance(data, Dataset) else {}), **changed}
         run = Run.create(out, config, table.classes, table.multilabel, source, force, init=init)
@@ -83,10 +92,12 @@ def _features(table: ClipTable, config: TrainConfig, cache_dir, ctx: Context,
               progress: bool) -> tuple[FeatureStore, np.ndarray, dict[str, str]]:
     """The cached features (computed by the main process), the rows of the
     clips that have them, and the unreadable ones with their reasons."""
-    store = extract(table.files, config.features, cache_dir, progress=progress) if ctx.main else None
+    variants = copies.transforms(table)
+    store = (extract(table.files, config.features, cache_dir, progress=progress, variants=variants)
+             if ctx.main else None)
     ctx.barrier()
     if store is None:  # other ranks open what the main process wrote
-        store = extract(table.files, config.features, cache_dir, progress=False)
+        store = extract(table.files, config.features, cache_dir, progress=False, variants=variants)
     return store, np.flatnonzero(store.ok), store.failures()
 
 
@@ -102,14 +113,15 @@ def _train_run(run: Run, table: ClipTable, store: FeatureStore, rows: np.ndarray
                progress: bool, hooks: Sequence[Hook]) -> Run:
     config = run.config
     torch.set_num_threads(config.num_threads())
+    if config.bf16 and not native_bf16(ctx.device) and ctx.main:
+        log.warning("bf16 is asked for, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                    "training in float32, which is many times faster here")
     for k in _folds_to_train(config, table.fold):
-        train, held = table.training(k), table.validation(k)
-        select = (inner_split(table, train, config.inner_fraction, config.seed + k)
-                  if config.selection == "inner" else held)
-        train &= ~select
-        sets = [ClipSet(store, rows[m], table.targets[m], w)
+        train, select, held = fold_clips(table, k, config)
+        sets = [ClipSet(store, rows[m], table.targets[m], w, table.origin[m])
                 for m, w in ((train, table.weight[train]), (select, np.ones(int(select.sum()), np.float32)),
                              (held, np.ones(int(held.sum()), np.float32)))]
+        check_shares(sets[0].origins, config.batch_shares, f"fold {k}")
         _train_fold(run, k, *sets, ctx, progress, list(hooks))
     if ctx.main:
         _summarise(run, table)
@@ -117,41 +129,86 @@ def _train_run(run: Run, table: ClipTable, store: FeatureStore, rows: np.ndarray
     return run
 
 
+def fold_clips(table: ClipTable, k: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks of fold k's training, selection and held-out clips; selection and
+    held-out clips are never augmentation copies, and no copy of one trains."""
+    train, held = table.training(k), table.validation(k)
+    select = (inner_split(table, train, config.inner_fraction, config.seed + k)
+              if config.selection == "inner" else held)
+    return train & ~select & ~table.copies_of(select), select, held
+
+
 def _train_fold(run: Run, k: int, train_set: ClipSet, select_set: ClipSet, held_set: ClipSet, ctx: Context,
                 progress: bool, extra: list[Hook]) -> None:
     """Train fold k on `train_set`, pick its epoch on `select_set` (or keep the
-    last with `selection: last`, `select_set` then only monitored), and score the
-    held-out fold once with the weights kept."""
+    last with `selection: last`, `select_set` then only monitored; or, with
+    `average`, keep the average of the weights, validated on `select_set`), and
+    score the held-out fold once with the weights kept."""
     config = run.config
     torch.manual_seed(config.seed + k)
     model = run.new_model()
     if run.init:
         load_init(model, run.init_folder, k, run.classes)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    if hasattr(model, "fit"):  # fitted in closed form (the summary model), not trained
+        _fit_fold(run, k, model, train_set, select_set, ctx, progress, memory)
+        _score_held_out(run, k, model, held_set, ctx, memory)
+        return
+    if hasattr(model, "prepare"):  # parts fitted on the training clips first (the fused model's PCA)
+        model.prepare(train_set)
     model.to(ctx.device, memory_format=memory)
     optimizer = build_optimizer(model.parameters(), config.optim)
     steps = steps_per_epoch(epoch_size(train_set, config.epoch_clips), config.batch_size, ctx.world)
     schedule = build_schedule(optimizer, config.optim, steps * config.epochs)
     state = FoldState(k, model, optimizer, schedule, steps)
     hooks: list[Hook] = [Resume(run, ctx.main), *schedule_hooks(schedule)]
-    if config.selection == "inner":
+    if config.selection == "inner" and config.average is None:
         hooks += [BestWeights(run, ctx.main),
                   EarlyStopping(config.patience, round(config.early_stop_from * config.epochs))]
+    if config.average is not None:
+        hooks.append(AVERAGES.get(config.average.kind)(config, run.task, train_set, select_set, ctx))
     if ctx.main:
         hooks += [MetricsLog(run), Checkpoint(run)] + ([Printer(run.metric, config.epochs)] if progress else [])
     fit(state, train_set, select_set, config, run.task, ctx, hooks + extra, progress)
-    if ctx.main and config.selection == "last":
+    if ctx.main and (config.selection == "last" or config.average is not None):
         run.save_weights(k, model)
-    ctx.barrier()
-    model.load_state_dict(run.weights(k))  # every rank ends with the weights kept
+    _score_held_out(run, k, model, held_set, ctx, memory)
+
+
+def _fit_fold(run: Run, k: int, model: torch.nn.Module, train_set: ClipSet, select_set: ClipSet, ctx: Context,
+              progress: bool, memory: torch.memory_format) -> None:
+    """Fit a closed-form model on fold k's whole training clips and save it;
+    metrics.csv gets one row (epoch 1): the loss on the training clips, the
+    loss and figure on `select_set`. The loop's hooks have no epochs to see."""
+    start = time.perf_counter()
+    model.fit(train_set, run.multilabel)
+    seconds = time.perf_counter() - start
+    model.to(ctx.device, memory_format=memory)
+    train_loss, _, _ = evaluate(model, train_set, run.config, run.task, ctx.device)
+    val_loss, figure, scores = evaluate(model, select_set, run.config, run.task, ctx.device)
+    record = EpochRecord(1, train_loss, val_loss, figure, scores, 0.0, len(train_set) / max(seconds, 1e-9), seconds,
+                         improved=True)
     if ctx.main:
-        logits = clip_logits(model, held_set, config.batch_size, config.bf16, ctx.device, memory)
+        state = FoldState(k, model, None, None, 0)
+        for hook in [MetricsLog(run)] + ([Printer(run.metric, 1)] if progress else []):
+            hook.epoch_end(state, record)
+        run.save_weights(k, model)
+
+
+def _score_held_out(run: Run, k: int, model: torch.nn.Module, held_set: ClipSet, ctx: Context,
+                    memory: torch.memory_format) -> None:
+    """Every rank takes the weights kept; the main process scores the held-out fold with them."""
+    ctx.barrier()
+    model.load_state_dict(run.weights(k))
+    if ctx.main:
+        logits = clip_logits(model, held_set, run.config.batch_size, run.config.bf16, ctx.device, memory)
         run.save_fold_scores(k, run.task.activate(logits))
     ctx.barrier()
 
 
 def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) -> None:
-    """Start from another run's weights; its head is dropped when the classes differ."""
+    """Start from another run's weights; its head is dropped when the classes differ,
+    and a plain run of a wrapper's backbone family (a fused model's) starts its backbone."""
     source = Run.open(folder)
     trained = source.trained_folds()
     if not trained:
@@ -159,10 +216,11 @@ def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) 
     weights = source.weights(k if k in trained else trained[0])
     if source.classes != classes:
         weights = {n: t for n, t in weights.items() if not is_classifier(n)}
+    target, weights = init_target(model, weights)
     mismatch = RunError(f"--init {folder}: its model ({source.config.model.name} "
                         f"{source.config.model.params}) does not match this config's")
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = target.load_state_dict(weights, strict=False)
     except RuntimeError:  # same names, other shapes
         raise mismatch from None
     if unexpected or any(not is_classifier(n) for n in missing):
@@ -195,7 +253,8 @@ def _summarise(run: Run, table: ClipTable) -> None:
 def _fold_summary(run: Run, k: int, truth: np.ndarray, scores: np.ndarray) -> dict:
     """The epoch kept (and its selection figures), then the held-out fold's figures."""
     history = run.history(k)
-    kept = history.loc[history[run.metric].idxmax() if run.config.selection == "inner" else history.index[-1]]
+    picked = run.config.selection == "inner" and run.config.average is None
+    kept = history.loc[history[run.metric].idxmax() if picked else history.index[-1]]
     return {"best_epoch": int(kept.epoch), "epochs": int(history.epoch.max()),
             f"selection_{run.metric}": float(kept[run.metric]), "selection_loss": float(kept.val_loss),
             "map@3": metrics.map_at_k(truth, scores, 3),

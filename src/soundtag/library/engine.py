@@ -17,7 +17,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from .. import audio
 from ..errors import SoundtagError
 from ..predict import CHUNK, Tagger
 from ..run import Run
-from ..scorer import Clip, ordered_map
+from ..scorer import ENSEMBLE, Clip, is_ensemble, ordered_map, read_ensemble
 from ..stack import is_stack
 from .db import Database, Known, LibraryError, Model, Row
 from .walk import Listed, walk
@@ -56,7 +56,7 @@ def backend_for(runs: Sequence[str | Path], backend: str) -> str:
     """`auto`: ONNX Runtime when every run folder has an ONNX export, else torch."""
     if backend != "auto":
         return backend
-    exported = all(not is_stack(r) and Run.open(r).onnx_paths() for r in runs)
+    exported = all(not is_stack(r) and not is_ensemble(r) and Run.open(r).onnx_paths() for r in runs)
     return "onnx" if exported else "torch"
 
 
@@ -64,13 +64,20 @@ def model_id(runs: Sequence[str | Path], backend: str) -> str:
     """The scorer's name: its runs' folder names, the backend and a digest of every
     file that decides its scores (configs, class lists, weights, exported networks)."""
     h = hashlib.sha256(backend.encode())
-    for folder in map(Path, runs):
-        for name in ("config.yaml", "run.json", "stack.json", "stack.safetensors"):
-            if (folder / name).is_file():
-                h.update((folder / name).read_bytes())
-        for path in sorted([*folder.glob("fold*/model.safetensors"), *folder.glob("onnx/*.onnx")]):
-            h.update(path.read_bytes())
+    for path in _scoring_files(map(Path, runs)):
+        h.update(path.read_bytes())
     return f"{'+'.join(Path(r).name for r in runs)}:{backend}:{h.hexdigest()[:12]}"
+
+
+def _scoring_files(folders: Iterable[Path]) -> Iterator[Path]:
+    """The files of run, stack and ensemble folders (an ensemble's members too) that decide their scores."""
+    for folder in folders:
+        for name in ("config.yaml", "run.json", "stack.json", "stack.safetensors", ENSEMBLE):
+            if (folder / name).is_file():
+                yield folder / name
+        yield from sorted([*folder.glob("fold*/model.safetensors"), *folder.glob("onnx/*.onnx")])
+        if is_ensemble(folder):
+            yield from _scoring_files(read_ensemble(folder)[0])
 
 
 def describe(tagger: Tagger, runs: Sequence[str | Path], backend: str) -> Model:
