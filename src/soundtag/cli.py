@@ -189,7 +189,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 def add_training_options(p: argparse.ArgumentParser, config: str = "--config") -> None:
     """The preset, a YAML file over it (the `config` flag) and the options `train_overrides` reads."""
-    p.add_argument("--preset", default="fast", help="starting recipe: fast, baseline, fused, kaggle2018, kaggle2019")
+    from .config import presets
+    p.add_argument("--preset", default="fast", help=f"starting recipe: {', '.join(presets())}")
     p.add_argument(config, type=Path, help="YAML file of training options over the preset")
     p.add_argument("--folds", help="K for stratified K-fold (all folds trained), or 'own' for the dataset's folds")
     p.add_argument("--fold", type=bounded(int, 0, MAX_FOLDS - 1), action="append",
