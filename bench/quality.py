@@ -65,7 +65,7 @@ def recipe_entry(kind: str, **settings) -> Callable:
         run, make_settings = {"pipeline": (pipeline.run_pipeline, pipeline.PipelineConfig),
                               "pseudo": (semi.run_pseudo, semi.PseudoConfig),
                               "spread": (semi.run_spread, semi.SpreadConfig)}[kind]
-        run(data, make_settings(**settings), base, out, cache_dir=cache, progress=False)
+        run(data, make_settings(**settings), base, out, force=True, cache_dir=cache, progress=False)
         return out
     return make
 
@@ -122,7 +122,7 @@ def measure(set_name: str, entries: list[str], corpus: Path, work: Path, results
 
 
 def table(results: dict) -> str:
-    lines = ["| set | entry | train clips | test MAP@3 | test lwlrap | train min |", "|---|---|---|---|---|---|"]
+    lines = ["| set | entry | train split clips | test MAP@3 | test lwlrap | train min |", "|---|---|---|---|---|---|"]
     for set_name, entries in results.items():
         for entry, f in entries.items():
             lines.append(f"| {set_name} | {entry} | {f['train_clips']} | {f['map@3']:.4f} | {f['lwlrap']:.4f} | "

@@ -185,11 +185,11 @@ def test_copies_follow_their_source_and_never_cross_folds(origin):
     made = copies.add(table, [PITCH, STRETCH])
     n = len(table)
     assert len(made) == 3 * n and made.variant == [""] * n + ["pitch=2"] * n + ["stretch=0.9"] * n
-    assert (made.origin[n:] == "augmented").all() and made.files[n:] == table.files * 2
-    for name in ("fold", "weight", "targets"):
+    assert made.is_copy[n:].all() and not made.is_copy[:n].any() and made.files[n:] == table.files * 2
+    for name in ("fold", "weight", "targets", "origin"):
         assert np.array_equal(getattr(made, name)[n:], np.concatenate([getattr(table, name)] * 2)), name
     assert not made.held_out_candidates[n:].any()
-    copy = made.origin == "augmented"
+    copy = made.is_copy
     for k in range(5):
         for selection in ("inner", "last"):
             train, select, held = training.fold_clips(made, k, tiny(selection=selection))
@@ -249,7 +249,7 @@ def test_a_tiny_training_with_copies_trains_on_them_and_resumes_as_if_never_stop
         training.train(data, cfg, tmp_path / "run", progress=False, hooks=[stop])
     run = Run.open(tmp_path / "run")
     table = run.read_clips()
-    copy = table.origin == "augmented"
+    copy = table.is_copy
     assert len(table) == 64 and copy.sum() == 32 and set(np.array(table.variant)[copy]) == {"pitch=2"}
     sources = table.select(~copy)
     assert np.array_equal(sources.fold, assign_folds(sources, 5, cfg.seed))  # the folds drawn without copies

@@ -69,17 +69,22 @@ class Inspect(Hook):
                          "loss": loss.dtype}
 
 
-@pytest.mark.parametrize("bf16, channels_last", [(True, True), (False, False)])
-def test_bf16_and_channels_last_are_in_effect(tmp_path, bf16, channels_last):
+@pytest.mark.parametrize("bf16, native, channels_last", [(True, True, True), (True, False, True),
+                                                          (False, True, False)])
+def test_bf16_and_channels_last_are_in_effect(tmp_path, monkeypatch, caplog, bf16, native, channels_last):
+    """bf16 autocast runs where bfloat16 is native (forced here either way) and
+    falls back to float32, with a warning, where it is not."""
+    for module in (loop, train):
+        monkeypatch.setattr(module, "native_bf16", lambda device: native)
     dataset = datasets.read(DEMO)
     cfg = config.resolve("fast", overrides=config.merge(TINY, {
         "epochs": 1, "epoch_clips": 16, "bf16": bf16, "channels_last": channels_last}))
     hook = Inspect()
     train.train(dataset, cfg, tmp_path / "run", progress=False, hooks=[hook])
-    native = loop.native_bf16(torch.device("cpu"))  # without it, bf16 falls back to float32
     assert hook.seen["logits"] == (torch.bfloat16 if bf16 and native else torch.float32)
     assert hook.seen["loss"] == torch.float32
     assert hook.seen["weights"] is channels_last
+    assert ("no native bfloat16" in caplog.text) is (bf16 and not native)
 
 
 def test_the_held_out_fold_never_reaches_training(learned):

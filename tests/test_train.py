@@ -417,7 +417,7 @@ def test_clip_table_round_trips(tmp_path):
         targets=np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], np.float32),
         fold=np.array([0, 1, -1, -1, 2, -1]),
         weight=np.array([1.0, 0.1, 0.25, 1 / 3, 0.7, 2.5], np.float32),
-        origin=np.array(["curated", "unverified", "noisy", "pseudo", "selected", "augmented"]),
+        origin=np.array(["curated", "unverified", "noisy", "pseudo", "selected", "curated"]),
         train_folds=[(), (), (0,), (0, 2), (), (1,)])
     path = tmp_path / "clips.csv"
     table.save(path)
@@ -427,11 +427,11 @@ def test_clip_table_round_trips(tmp_path):
     assert back.training(0).tolist() == [False, True, True, True, True, False]
     assert back.training(1).tolist() == [True, False, False, False, True, True]
     assert back.validation(2).tolist() == [False, False, False, False, True, False]
-    assert back.held_out_candidates.tolist() == [True, True, False, False, False, False]
+    assert back.held_out_candidates.tolist() == [True, True, False, False, False, True]
     # select and join keep every column together
     picked = back.select([5, 2]).join(back.select(np.array([True] + [False] * 5)))
     assert picked.names == ["007", '"q".ogg', "0001"] and picked.train_folds == [(1,), (0,), ()]
-    assert picked.weight.tolist() == [2.5, 0.25, 1.0] and picked.origin.tolist() == ["augmented", "noisy", "curated"]
+    assert picked.weight.tolist() == [2.5, 0.25, 1.0] and picked.origin.tolist() == ["curated", "noisy", "curated"]
     assert picked.fold.tolist() == [-1, -1, 0] and np.array_equal(picked.targets, table.targets[[5, 2, 0]])
 
     with pytest.raises(DataError, match=r"row 3 has label 'Meow', not among the run's classes"):
@@ -1094,6 +1094,15 @@ def test_init_keeps_the_backbone_and_replaces_a_head_for_other_classes(baseline)
     same = models.create_model("cnn6", 4, n_mels=64, width=0.125)
     training.load_init(same, baseline.folder, 3, CLASSES4)  # fold 3 untrained: falls back to fold 0
     assert all(torch.equal(same.state_dict()[n], t) for n, t in source.items())
+
+
+def test_init_overlap_counts_held_out_clips_the_init_weights_trained_on(baseline):
+    table = baseline.read_clips()
+    trained = baseline.trained_folds()
+    assert training.init_overlap(baseline.folder, table, trained[0]) == 0  # the same folds: honest
+    other = next(k for k in sorted(set(table.fold.tolist())) if k not in trained)
+    held = int(table.validation(other).sum())
+    assert held and training.init_overlap(baseline.folder, table, other) == held  # fold 0's weights saw them all
 
 
 def test_init_run_on_other_classes_starts_from_the_source_backbone(baseline, esc, tmp_path):

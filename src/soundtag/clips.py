@@ -2,11 +2,11 @@
 
 A row holds the clip's file and name, its labels, the fold it is held out in
 (-1: never held out), its loss weight, its origin (curated, unverified, noisy,
-pseudo, selected, augmented) and the folds it trains in (empty: every fold
-where it is not held out), so that a stage of a pipeline can give each fold its
-own training clips. An augmentation copy (copies.py) is a row of origin
-augmented with its source's file and the variant it was remade as; it is never
-held out, and never trains a fold where its source is held out or picks the epoch.
+pseudo, selected) and the folds it trains in (empty: every fold where it is
+not held out), so that a stage of a pipeline can give each fold its own
+training clips. An augmentation copy (copies.py) is a row with its source's
+file, origin and weight and the variant it was remade as; it is never held out,
+and never trains a fold where its source is held out or picks the epoch.
 A run saves its table as `clips.csv`; `--resume` reads it back.
 """
 
@@ -22,7 +22,7 @@ import pandas as pd
 from .datasets import Dataset
 from .errors import DataError
 
-ORIGINS = ("curated", "unverified", "noisy", "pseudo", "selected", "augmented")
+ORIGINS = ("curated", "unverified", "noisy", "pseudo", "selected")
 HELD_OUT = ("curated", "unverified")  # origins whose labels are trusted for validation
 NOISY_POLICIES = ("include", "exclude", "only")
 COLUMNS = ["fname", "file", "labels", "fold", "weight", "origin", "train_folds"]
@@ -87,8 +87,8 @@ class ClipTable:
 
     @property
     def held_out_candidates(self) -> np.ndarray:
-        """Clips whose labels may score a fold."""
-        return np.isin(self.origin, HELD_OUT)
+        """Clips whose labels may score a fold (never a copy)."""
+        return np.isin(self.origin, HELD_OUT) & ~self.is_copy
 
     def training(self, k: int) -> np.ndarray:
         """Mask of the clips fold k trains on (never a copy of a clip it holds out)."""
@@ -97,11 +97,16 @@ class ClipTable:
 
     def validation(self, k: int) -> np.ndarray:
         """Mask of the clips held out in fold k (never a copy)."""
-        return (self.fold == k) & (self.origin != "augmented")
+        return (self.fold == k) & ~self.is_copy
+
+    @property
+    def is_copy(self) -> np.ndarray:
+        """Mask of the augmentation copies."""
+        return np.array([bool(v) for v in self.variant], bool)
 
     def copies_of(self, mask: np.ndarray) -> np.ndarray:
-        """Mask of the augmentation copies of the clips in `mask`: the augmented rows of their files."""
-        copies = self.origin == "augmented"
+        """Mask of the augmentation copies of the clips in `mask`: the copies of their files."""
+        copies = self.is_copy
         sources = {self.files[i] for i in np.flatnonzero(mask & ~copies)}
         return copies & np.array([f in sources for f in self.files], bool)
 

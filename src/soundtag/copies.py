@@ -4,8 +4,8 @@ every training clip, computed once into the feature store.
 A config's `copies` lists the variants, each a mapping with `pitch`
 (semitones, default 0) and `stretch` (a rate: 1.1 plays 10% faster and so
 makes a shorter clip; default 1), e.g. `[{pitch: -2}, {pitch: 2}, {stretch: 0.9}]`.
-Every clip of the training table gets one copy per variant: a row of origin
-`augmented` with the source's file, labels, weight, fold and training folds and
+Every clip of the training table gets one copy per variant: a row with the
+source's file, labels, origin, weight, fold and training folds, and
 the variant's key (`pitch=2`, `stretch=0.9`, `pitch=-1,stretch=1.1`) in its
 `variant` column. The store keys a copy's features by the file's identity, the
 front end and the variant, so copies are computed once and shared by every run.
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from .clips import ClipTable
 
 LIMITS = {"pitch": (-12.0, 12.0), "stretch": (0.5, 2.0)}  # an octave either way; half to double speed
-ORIGIN = "augmented"
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,12 @@ def variants(spec: Sequence[dict[str, Any]] | None) -> list[Variant]:
 
 def add(table: ClipTable, made: Sequence[Variant]) -> ClipTable:
     """`table` followed by one copy of each of its clips (copies aside) per
-    variant: origin augmented, the source's file, name, labels, weight, fold and
-    training folds. Called once the folds are drawn, so each copy follows its source."""
-    sources = table.select(table.origin != ORIGIN)
+    variant: the source's file, name, labels, origin, weight, fold and training
+    folds, so that origin options (weights, losses, batch shares) apply to copies
+    as to their sources. Called once the folds are drawn, so each copy follows its source."""
+    sources = table.select(~table.is_copy)
     for variant in made:
-        table = table.join(replace(sources, origin=np.full(len(sources), ORIGIN, sources.origin.dtype),
-                                   variant=[variant.key()] * len(sources)))
+        table = table.join(replace(sources, variant=[variant.key()] * len(sources)))
     return table
 
 

@@ -66,7 +66,7 @@ def inner_split(table: ClipTable, training: np.ndarray, fraction: float, seed: i
     with fewer than two such clips keep them all in training."""
     pool = np.flatnonzero(training & table.held_out_candidates)
     if not len(pool):  # any clip but an augmentation copy
-        pool = np.flatnonzero(training & (table.origin != "augmented"))
+        pool = np.flatnonzero(training & ~table.is_copy)
     targets = table.targets[pool]
     out = np.zeros(len(table), bool)
     if table.multilabel:

@@ -419,6 +419,6 @@ def clip_features(path: str, configs: Sequence[FeatureConfig], dtype: str = "flo
     if variant is not None:
         try:
             waves = {(rate, trim): variant.apply(wave, rate) for (rate, trim), wave in waves.items()}
-        except ValueError as e:
+        except Exception as e:  # whatever fails remaking one clip skips that copy, never the job
             return None, f"its copy {variant.key()} cannot be made ({' '.join(str(e).split())})"
     return [features.compute(waves[c.sample_rate, c.trim_db], c).astype(dtype) for c in configs], ""

@@ -44,13 +44,14 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0)
 def bootstrap_soft(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0, beta: float = 0.95,
                    multilabel: bool = False) -> torch.Tensor:
     """Soft bootstrapping (Reed et al., 2015): the task's plain loss against
-    beta·y + (1 − beta)·p, p the model's own detached prediction (sigmoids for
-    multi-label sets, a softmax otherwise), so that confident predictions
-    outvote wrong labels; beta = 1 is the plain loss."""
+    beta·y + (1 − beta)·p, p the model's own prediction (sigmoids for
+    multi-label sets, a softmax otherwise) with its gradient, so that the loss
+    adds (1 − beta) times the prediction's entropy: confident predictions
+    outvote wrong labels. beta = 1 is the plain loss."""
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must be between 0 and 1, not {beta}")
     plain = binary_cross_entropy if multilabel else cross_entropy
-    p = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).detach()
+    p = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
     return plain(logits, beta * y + (1 - beta) * p, smoothing)
 
 

@@ -122,6 +122,8 @@ def _train_run(run: Run, table: ClipTable, store: FeatureStore, rows: np.ndarray
                 for m, w in ((train, table.weight[train]), (select, np.ones(int(select.sum()), np.float32)),
                              (held, np.ones(int(held.sum()), np.float32)))]
         check_shares(sets[0].origins, config.batch_shares, f"fold {k}")
+        if run.init and ctx.main:
+            _warn_init_overlap(run.init_folder, table, k)
         _train_fold(run, k, *sets, ctx, progress, list(hooks))
     if ctx.main:
         _summarise(run, table)
@@ -213,7 +215,7 @@ def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) 
     trained = source.trained_folds()
     if not trained:
         raise RunError(f"--init {folder}: the run has no trained fold")
-    weights = source.weights(k if k in trained else trained[0])
+    weights = source.weights(init_fold(trained, k))
     if source.classes != classes:
         weights = {n: t for n, t in weights.items() if not is_classifier(n)}
     target, weights = init_target(model, weights)
@@ -225,6 +227,28 @@ def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) 
         raise mismatch from None
     if unexpected or any(not is_classifier(n) for n in missing):
         raise mismatch
+
+
+def init_fold(trained: list[int], k: int) -> int:
+    """The fold of an --init run whose weights start fold k: its own, else the first trained."""
+    return k if k in trained else trained[0]
+
+
+def init_overlap(folder: Path, table: ClipTable, k: int) -> int:
+    """How many of fold k's held-out clips trained the --init weights that start fold k."""
+    source = Run.open(folder)
+    seen = source.read_clips()
+    mask = seen.training(init_fold(source.trained_folds(), k))
+    trained_on = {f for f, m in zip(seen.files, mask) if m}
+    return sum(table.files[i] in trained_on for i in np.flatnonzero(table.validation(k)))
+
+
+def _warn_init_overlap(folder: Path, table: ClipTable, k: int) -> None:
+    overlap = init_overlap(folder, table, k)
+    if overlap:
+        log.warning(f"fold {k}: {overlap} of its held-out clips trained the --init weights ({folder}); its "
+                    "held-out figure is optimistic (give --init a run with the same folds, e.g. of the same "
+                    f"seed and data, trained on fold {k})")
 
 
 def _summarise(run: Run, table: ClipTable) -> None:
