@@ -39,7 +39,8 @@ TINY = {"epochs": 3, "batch_size": 16, "augment": [], "optim": {"lr": 0.01}, "th
 # A stage of a recipe (pipeline, pseudo-labels, label spreading): one epoch of 32 clips in float32
 # (bfloat16 autocast is many times slower on these CPUs), fold 0 of two, the fast preset's front end.
 RECIPE_TINY = {"epochs": 1, "epoch_clips": 32, "batch_size": 16, "augment": [], "optim": {"lr": 0.01}, "threads": 1,
-               "bf16": False, "model": {"name": "cnn6", "params": {"width": 0.125}}, "folds": 2, "train_folds": [0]}
+               "bf16": False, "selection": "inner", "model": {"name": "cnn6", "params": {"width": 0.125}}, "folds": 2,
+               "train_folds": [0]}
 
 KINDS: dict[str, tuple[Path, dict]] = {
     # single-label, FSDKaggle2018 layout

@@ -152,7 +152,8 @@ def test_swa_is_the_mean_of_epoch_end_snapshots_with_batchnorm_recomputed(small)
 
 def test_the_average_is_the_fold_weights_validated_on_the_selection_clips(small, tmp_path):
     # patience 0 would stop a fold at once: with an average, the whole schedule trains.
-    config = small_config(patience=0, early_stop_from=0.0, average={"kind": "ema", "start": 0.25, "decay": 0.5})
+    config = small_config(patience=0, early_stop_from=0.0, selection="inner",
+                          average={"kind": "ema", "start": 0.25, "decay": 0.5})
     run = training.train(small, config, tmp_path / "run", progress=False)
     history = run.history(0)
     assert list(history.epoch) == [1, 2, 3]

@@ -46,7 +46,7 @@ from soundtag.task import Task
 
 TINY_MODEL = {"name": "cnn6", "params": {"width": 0.125}}
 # The fast preset (5 folds, fold 0 trained, mixup + SpecAugment) with a tiny network.
-TINY = {"epochs": 3, "batch_size": 16, "threads": 1, "bf16": False, "model": TINY_MODEL}
+TINY = {"epochs": 3, "batch_size": 16, "threads": 1, "bf16": False, "selection": "inner", "model": TINY_MODEL}
 CLASSES4 = ["Acoustic_guitar", "Applause", "Bass_drum", "Cello"]
 ESC_CLASSES = ["Chime", "Cowbell", "Flute"]
 
