@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundtag import audio, config, datasets, features, store, train
+from soundtag import audio, config, datasets, features, loop, store, train
 from soundtag.config import merge
 from soundtag.features import FeatureConfig
 from soundtag.run import Run
@@ -133,3 +133,28 @@ def error_line(capsys: pytest.CaptureFixture) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+def small_noisy_set(front_end: FeatureConfig) -> datasets.Dataset:
+    """32 curated and 24 noisy training clips of the multi-label demo set, their features cached."""
+    full = datasets.read(MULTI)
+    train = full.split == "train"
+    keep = train & np.where(full.noisy, np.cumsum(full.noisy) <= 24, np.cumsum(train & ~full.noisy) <= 32)
+    dataset = full.select(keep)
+    warm_cache(dataset.files, front_end)
+    return dataset
+
+
+class InterruptInEpoch(loop.Hook):
+    """Ctrl-C after the first training step of the n-th epoch a call trains
+    (counted over all folds): the model has moved past its last checkpoint."""
+
+    def __init__(self, n: int):
+        self.n, self.finished = n, 0
+
+    def batch_end(self, state, x, logits, loss) -> None:
+        if self.finished + 1 == self.n:
+            raise KeyboardInterrupt
+
+    def epoch_end(self, state, record) -> None:
+        self.finished += 1

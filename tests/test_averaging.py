@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import MULTI, TINY, warm_cache
-from soundtag import checkpoint, datasets, loop
+from helpers import TINY, InterruptInEpoch, small_noisy_set
+from soundtag import checkpoint, datasets
 from soundtag import train as training
 from soundtag.averaging import EMA, SWA
 from soundtag.clips import ClipTable
@@ -42,27 +42,7 @@ def small_config(**changes) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def small() -> datasets.Dataset:
-    """32 curated and 24 noisy training clips of the multi-label demo set, features cached."""
-    full = datasets.read(MULTI)
-    train = full.split == "train"
-    keep = train & np.where(full.noisy, np.cumsum(full.noisy) <= 24, np.cumsum(train & ~full.noisy) <= 32)
-    dataset = full.select(keep)
-    warm_cache(dataset.files, small_config().features)
-    return dataset
-
-
-class InterruptInEpoch(loop.Hook):
-    """Ctrl-C after the first training step of the n-th epoch a call trains."""
-
-    def __init__(self, n: int):
-        self.n, self.finished = n, 0
-
-    def batch_end(self, state, x, logits, loss) -> None:
-        if self.finished + 1 == self.n:
-            raise KeyboardInterrupt
-
-    def epoch_end(self, state, record) -> None:
-        self.finished += 1
+    return small_noisy_set(small_config().features)
 
 
 def floats(model: nn.Module) -> dict[str, torch.Tensor]:

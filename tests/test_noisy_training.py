@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from helpers import MULTI, TINY, error_line, warm_cache
+from helpers import MULTI, TINY, error_line, small_noisy_set, warm_cache
 from soundtag import cli, datasets, loop, task
 from soundtag import train as training
 from soundtag.clips import ClipTable
@@ -46,13 +46,7 @@ SMALL_CROP = CropConfig()
 
 @pytest.fixture(scope="module")
 def small() -> datasets.Dataset:
-    """32 curated and 24 noisy training clips of the multi-label demo set, features cached."""
-    full = datasets.read(MULTI)
-    train = full.split == "train"
-    keep = train & np.where(full.noisy, np.cumsum(full.noisy) <= 24, np.cumsum(train & ~full.noisy) <= 32)
-    dataset = full.select(keep)
-    warm_cache(dataset.files, small_config().features)
-    return dataset
+    return small_noisy_set(small_config().features)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import DEMO, MULTI, PNG_MAGIC, error_line, warm_cache
+from helpers import DEMO, MULTI, PNG_MAGIC, InterruptInEpoch, error_line, warm_cache
 from soundtag import checkpoint, cli, datasets, loop, models, task
 from soundtag import store as store_module
 from soundtag import train as training
@@ -101,21 +101,6 @@ def read_progress(path: Path) -> dict:
 def train_table(data: Path) -> ClipTable:
     """A dataset's training split as a clip table."""
     return ClipTable.from_dataset(datasets.read(data).subset("train"))
-
-
-class InterruptInEpoch(loop.Hook):
-    """Ctrl-C after the first training step of the n-th epoch a call trains
-    (counted over all folds): the model has moved past its last checkpoint."""
-
-    def __init__(self, n: int):
-        self.n, self.finished = n, 0
-
-    def batch_end(self, state, x, logits, loss) -> None:
-        if self.finished + 1 == self.n:
-            raise KeyboardInterrupt
-
-    def epoch_end(self, state, record) -> None:
-        self.finished += 1
 
 
 class PoisonInEpoch(loop.Hook):

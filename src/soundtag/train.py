@@ -22,7 +22,7 @@ from .datasets import Dataset
 from .distributed import Context, setup
 from .loader import ClipSet, check_shares, epoch_size, steps_per_epoch
 from .loop import (BestWeights, Checkpoint, EarlyStopping, EpochRecord, FoldState, Hook, MetricsLog, Printer, Resume,
-                   clip_logits, evaluate, fit, native_bf16)
+                   clip_logits, evaluate, fit, memory_format, native_bf16)
 from .models import init_target, is_classifier
 from .optim import build_optimizer, build_schedule, schedule_hooks
 from .run import Run, RunError
@@ -151,7 +151,7 @@ def _train_fold(run: Run, k: int, train_set: ClipSet, select_set: ClipSet, held_
     model = run.new_model()
     if run.init:
         load_init(model, run.init_folder, k, run.classes)
-    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory = memory_format(config)
     if hasattr(model, "fit"):  # fitted in closed form (the summary model), not trained
         _fit_fold(run, k, model, train_set, select_set, ctx, progress, memory)
         _score_held_out(run, k, model, held_set, ctx, memory)
