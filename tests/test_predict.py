@@ -221,6 +221,17 @@ def test_full_mode_keeps_the_input_order_over_clips_of_very_different_lengths(ta
     np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 
+def test_score_each_batches_only_equal_lengths_so_each_clip_scores_as_alone(tagger_a, specs, cfg):
+    # 100 and 105 frames are within 10 %: `score` pads the shorter in one batch, `score_each` never does
+    clips = [{cfg: np.tile(s, (1, 8))[:, :n]} for s, n in zip(specs, (100, 105, 100))]
+    alone = [tagger_a.score([c]) for c in clips]
+    scores, embeddings = tagger_a.score_each(clips)
+    np.testing.assert_allclose(scores, np.concatenate([s for s, _ in alone]), atol=1e-6)
+    np.testing.assert_allclose(embeddings, np.concatenate([e for _, e in alone]), atol=1e-5)
+    _, padded = tagger_a.score(clips)
+    assert np.abs(padded[0] - alone[0][1][0]).max() > 1e-3  # what score_each avoids
+
+
 def test_crops_score_is_the_mean_of_the_per_view_scores(run_a, model_a, long_spec, cfg):
     tagger = Tagger.load([run_a], tta=TTA("crops", lengths=(0.5, 1.5), offsets=3))
     views = [long_spec[:, s : s + 43] for s in (0, 79, 158)] + [long_spec[:, s : s + 129] for s in (0, 36, 72)]

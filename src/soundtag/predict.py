@@ -77,21 +77,10 @@ class Tagger:
         return self.score(clips, progress)[0]
 
     def score_each(self, clips: Sequence[Clip]) -> tuple[np.ndarray, np.ndarray]:
-        """Like `score`, but each clip scored at its own length (only clips of equal
-        length share a batch), so that a clip's scores never depend on the others."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, clip in enumerate(clips):
-            groups.setdefault(tuple(spec.shape[1] for spec in clip.values()), []).append(i)
-        scores = np.zeros((len(clips), len(self.classes)), np.float32)
-        embeddings: np.ndarray | None = None
+        """Like `score`, but only clips of equal length share a batch, so that a
+        clip's scores never depend on the others."""
         with one_torch_thread():
-            scored = ordered_map(lambda rows: (rows, *self.scorer.score([clips[i] for i in rows])),
-                                 groups.values(), self.threads)
-            for rows, s, e in scored:
-                if embeddings is None:
-                    embeddings = np.zeros((len(clips), e.shape[1]), np.float32)
-                scores[rows], embeddings[rows] = s, e
-        return scores, embeddings if embeddings is not None else np.zeros((0, 0), np.float32)
+            return self.scorer.score(clips, exact=True)
 
     def decode(self, path: str | Path, whole: bool = True) -> tuple[float, Clip, Clip]:
         """A file decoded once per sample rate: its duration, its features as

@@ -46,7 +46,12 @@ class Scorer(Protocol):
     @property
     def feature_configs(self) -> list[FeatureConfig]: ...
 
-    def score(self, clips: Sequence[Clip], progress: bool = False) -> tuple[np.ndarray, np.ndarray]: ...
+    def score(self, clips: Sequence[Clip], progress: bool = False,
+              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and embeddings of clips. Clips of about the same length share a
+        batch, the shorter ones padded; `exact`: only clips of equal length do, so
+        that a clip's scores never depend on the others."""
+        ...
 
     def thresholds(self) -> np.ndarray: ...
 
@@ -182,7 +187,8 @@ class RunScorer:
             embeddings.append(e.mean(0, keepdims=True) if view_mean else e)
         return combine(np.stack(scores), self.mean), np.mean(embeddings, axis=0)
 
-    def score(self, clips: Sequence[Clip], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, clips: Sequence[Clip], progress: bool = False,
+              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         specs = [c[self.features] for c in clips]
         fps = self.features.sample_rate / self.features.hop_length
 
@@ -194,7 +200,8 @@ class RunScorer:
 
         if self.tta.mode == "full":
             lengths = np.array([s.shape[1] for s in specs])
-            batches = eval_batches(specs.__getitem__, lengths, 32, max_frames=self.features.max_frames)
+            batches = eval_batches(specs.__getitem__, lengths, 32, slack=1.0 if exact else 1.1,
+                                   max_frames=self.features.max_frames)
             scored = ordered_map(score_batch, batches, self.threads)
         else:
             scored = ordered_map(score_views, enumerate(specs), self.threads)
@@ -237,8 +244,9 @@ class Ensemble:
         """The members' thresholds tuned out of fold, averaged."""
         return np.mean([m.thresholds() for m in self.members], axis=0)
 
-    def score(self, clips: Sequence[Clip], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        results = [m.score(clips, progress) for m in self.members]
+    def score(self, clips: Sequence[Clip], progress: bool = False,
+              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        results = [m.score(clips, progress, exact) for m in self.members]
         scores = combine(np.stack([s for s, _ in results]), self.mean, self.weights)
         return scores, np.concatenate([unit(e) for _, e in results], axis=1)
 

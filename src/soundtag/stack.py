@@ -155,6 +155,7 @@ class StackScorer:
     def thresholds(self) -> np.ndarray:
         return np.mean([m.thresholds() for m in self.members], axis=0)
 
-    def score(self, clips: Sequence[Clip], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        results = [m.score(clips, progress) for m in self.members]
+    def score(self, clips: Sequence[Clip], progress: bool = False,
+              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        results = [m.score(clips, progress, exact) for m in self.members]
         return self.stacker([s for s, _ in results]), np.concatenate([unit(e) for _, e in results], axis=1)

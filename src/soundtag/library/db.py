@@ -203,25 +203,23 @@ class Database:
         return {r["path"]: Known(r["id"], r["size"], r["mtime_ns"], r["ctime_ns"], r["hash"], r["model"],
                                  r["error"]) for r in rows}
 
-    def put(self, row: Row, classes: Sequence[str]) -> None:
-        """Insert or replace one file's record and its tags, in one transaction."""
+    def write(self, rows: Sequence[Row], restats: Sequence[tuple[int, int, int, int]], classes: Sequence[str]) -> None:
+        """Insert or replace files' records with their tags, and give files whose
+        content is unchanged (id, size, mtime_ns, ctime_ns) their new times: all in one
+        transaction, so each record is committed with its tags or not at all."""
         assignments = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS)
+        insert = (f"INSERT INTO files ({', '.join(COLUMNS)}, indexed_at) VALUES ({', '.join('?' * len(COLUMNS))}, ?) "
+                  f"ON CONFLICT(path) DO UPDATE SET {assignments}, indexed_at = excluded.indexed_at RETURNING id")
         with self.transaction() as c:
-            file_id = c.execute(f"INSERT INTO files ({', '.join(COLUMNS)}, indexed_at) "
-                                f"VALUES ({', '.join('?' * len(COLUMNS))}, ?) ON CONFLICT(path) DO UPDATE SET "
-                                f"{assignments}, indexed_at = excluded.indexed_at RETURNING id",
-                                (*row.values(), time.time())).fetchone()[0]
-            c.execute("DELETE FROM tags WHERE file_id = ?", (file_id,))
-            if row.scores is not None:
-                c.executemany("INSERT INTO tags VALUES (?, ?, ?)",
-                              [(file_id, label, float(s)) for label, s in zip(classes, row.scores)
-                               if s >= TAG_FLOOR])
-
-    def restat(self, file_id: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
-        """A file whose content (hash) is unchanged but whose times moved: keep its tags."""
-        with self.transaction() as c:
-            c.execute("UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                      (size, mtime_ns, ctime_ns, file_id))
+            for row in rows:
+                file_id = c.execute(insert, (*row.values(), time.time())).fetchone()[0]
+                c.execute("DELETE FROM tags WHERE file_id = ?", (file_id,))
+                if row.scores is not None:
+                    c.executemany("INSERT INTO tags VALUES (?, ?, ?)",
+                                  [(file_id, label, float(s)) for label, s in zip(classes, row.scores)
+                                   if s >= TAG_FLOOR])
+            c.executemany("UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                          [(size, mtime, ctime, file_id) for file_id, size, mtime, ctime in restats])
 
     def remove(self, ids: Sequence[int]) -> None:
         with self.transaction() as c:

@@ -4,8 +4,9 @@ The plan (`plan`) compares the folder with the library: a file whose size,
 mtime and ctime are those recorded (by the same model) is skipped without
 being opened; the rest are read and hashed and, unless their content hash is
 the one recorded, decoded and scored; records of files no longer there are
-pruned. Threads decode files ahead of the networks; each file's row is
-committed on its own, so an interrupted run keeps every file it finished.
+pruned. Threads decode files ahead of the networks; the rows of each chunk of
+`CHUNK` files are committed together, each with its tags, so an interrupted run
+keeps every chunk it finished.
 
 A file is scored at its own length (`Tagger.score_each`), so its row never
 depends on which other files were indexed with it.
@@ -165,44 +166,46 @@ class Indexer:
             reason = None
         except audio.AudioError as e:
             duration, clip, reason = None, None, " ".join(e.reason.split())
-        if not unchanged_since(path, before, digest):
+        if not unchanged_since(path, before):
             return self.row(path, None, digest, error=CHANGED), None
         return self.row(path, before, digest, reason, duration), clip
 
-    def write(self, row: Row, job: Job | None, report: Report) -> None:
-        known = job.known if job else None
-        if row.error == RESTAT:
-            self.db.restat(known.id, row.size, row.mtime_ns, row.ctime_ns)
-            report.unchanged += 1
-            return
-        self.db.put(row, self.model.classes)
-        if row.error:
-            report.failed[row.path] = row.error
-        elif known is None:
-            report.added += 1
-        else:
-            report.updated += 1
+    def write(self, done: Sequence[tuple[Row, Job | None]], report: Report) -> None:
+        """Record files' rows (with their tags) in one transaction, and count them."""
+        rows, restats = [], []
+        for row, job in done:
+            known = job.known if job else None
+            if row.error == RESTAT:
+                restats.append((known.id, row.size, row.mtime_ns, row.ctime_ns))
+                report.unchanged += 1
+                continue
+            rows.append(row)
+            if row.error:
+                report.failed[row.path] = row.error
+            elif known is None:
+                report.added += 1
+            else:
+                report.updated += 1
+        self.db.write(rows, restats, self.model.classes)
 
     def run(self, jobs: list[Job], threads: int, progress: bool, report: Report) -> None:
-        """Prepare files on `threads` threads, score them CHUNK at a time, write each row."""
-        pending: list[tuple[Row, Job, Clip]] = []
+        """Prepare files on `threads` threads and score them CHUNK at a time; the rows
+        of each chunk (and of the files that cannot be tagged before it) are written together."""
+        pending: list[tuple[Row, Job, Clip | None]] = []
         bar = tqdm(total=len(jobs), unit="file", desc="indexing", disable=not progress, dynamic_ncols=True)
 
         def flush() -> None:
-            if pending:
-                scores, embeddings = self.tagger.score_each([clip for _, _, clip in pending])
-                for (row, job, _), s, e in zip(pending, scores, embeddings):
-                    row.scores, row.embedding = s, e
-                    self.write(row, job, report)
-                bar.update(len(pending))
-                pending.clear()
+            scored = [i for i, (_, _, clip) in enumerate(pending) if clip is not None]
+            if scored:
+                scores, embeddings = self.tagger.score_each([pending[i][2] for i in scored])
+                for i, s, e in zip(scored, scores, embeddings):
+                    pending[i][0].scores, pending[i][0].embedding = s, e
+            self.write([(row, job) for row, job, _ in pending], report)
+            bar.update(len(pending))
+            pending.clear()
 
         with bar:
             for job, (row, clip) in zip(jobs, ordered_map(self.prepare, jobs, threads, CHUNK)):
-                if clip is None:
-                    self.write(row, job, report)
-                    bar.update()
-                    continue
                 pending.append((row, job, clip))
                 if len(pending) == CHUNK:
                     flush()
@@ -212,11 +215,11 @@ class Indexer:
 RESTAT = "\0restat"  # a marker in Row.error, never stored: same content, new times
 
 
-def unchanged_since(path: str, before: os.stat_result, digest: str) -> bool:
-    """Whether the file still has the times, size and content it had when reading began."""
+def unchanged_since(path: str, before: os.stat_result) -> bool:
+    """Whether the file still has the size and times it had when reading began
+    (any write moves its ctime)."""
     try:
-        after = os.stat(path)
-        return identity(after) == identity(before) and content_hash(path) == digest
+        return identity(os.stat(path)) == identity(before)
     except OSError:
         return False
 
@@ -250,8 +253,7 @@ def index_folder(db: Database, tagger: Tagger, model: Model, folder: str | Path,
     report = Report()
     jobs, broken, gone = plan(db, folder, model.id, report)
     indexer = Indexer(db, tagger, model, folder)
-    for entry in broken:
-        indexer.write(indexer.row(entry.path, None, error=entry.reason), None, report)
+    indexer.write([(indexer.row(entry.path, None, error=entry.reason), None) for entry in broken], report)
     if gone:
         db.remove(gone)
         report.pruned = len(gone)

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import audio
-from .db import LibraryError
+from ..predict import CHUNK
+from .db import LibraryError, Row
 from .engine import CHANGED, Indexer, Job, Report, Scoring, identity
 
 SHARD_FILES = 512  # files a shard holds
@@ -158,6 +159,7 @@ def _shard_paths(shards: Path, jobs: list[Job]) -> set[str]:
 
 def _merge(indexer: Indexer, shards: Path, jobs: list[Job], report: Report) -> None:
     by_path = {j.path: j for j in jobs}
+    done: list[tuple[Row, Job]] = []
     for r in _records(shards):
         job = by_path.pop(r["path"], None)
         if job is None or identity(job.stat) != (r["size"], r["mtime_ns"], r["ctime_ns"]):
@@ -166,4 +168,8 @@ def _merge(indexer: Indexer, shards: Path, jobs: list[Job], report: Report) -> N
         row = indexer.row(r["path"], None if changed else job.stat, r["hash"], r["error"], r["duration"])
         if r["scores"] is not None:
             row.scores, row.embedding = (np.frombuffer(r["scores"], "<f4"), np.frombuffer(r["embedding"], "<f4"))
-        indexer.write(row, job, report)
+        done.append((row, job))
+        if len(done) == CHUNK:
+            indexer.write(done, report)
+            done.clear()
+    indexer.write(done, report)
