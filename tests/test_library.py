@@ -22,6 +22,7 @@ from library_setup import CLIPS, TEST_CLIP, demo_folder, exported_run
 
 from soundtag.cli import main
 from soundtag.library import Library, LibraryError, engine
+from soundtag.library.db import Database
 from soundtag.library.engine import CHANGED
 from soundtag.predict import Tagger
 
@@ -47,6 +48,14 @@ def broken_entries(folder: Path) -> dict[str, str]:
     (folder / "more" / "up").symlink_to("..")
     return {"empty.wav": "empty", "notes.wav": "not readable as audio", "loop.wav": "symlink loop",
             "gone.ogg": "broken symlink", "more/up": "symlink loop"}
+
+
+def generation(db: Path) -> int:
+    database = Database(db)
+    try:
+        return database.generation
+    finally:
+        database.close()
 
 
 def rows(db: Path) -> dict[str, sqlite3.Row]:
@@ -89,6 +98,7 @@ def test_a_second_run_skips_unchanged_rescores_changed_and_prunes_removed(run, t
     db = tmp_path / "lib.sqlite"
     Library.index(db, [run], folder, progress=False)
     before = rows(db)
+    first_generation = generation(db)
     opened: list[str] = []
     content_hash = engine.content_hash
     monkeypatch.setattr(engine, "content_hash", lambda path: opened.append(Path(path).name) or content_hash(path))
@@ -96,6 +106,7 @@ def test_a_second_run_skips_unchanged_rescores_changed_and_prunes_removed(run, t
     assert (again.added, again.updated, again.unchanged, again.pruned) == (0, 0, len(CLIPS), 0)
     assert opened == []  # unchanged files are not even read
     assert rows(db)["d000004.ogg"]["indexed_at"] == before["d000004.ogg"]["indexed_at"]
+    assert generation(db) == first_generation  # nothing changed: the vector files stay valid
 
     shutil.copy(DEMO / "audio_train" / "d000140.ogg", folder / "d000004.ogg")  # new content
     os.utime(folder / "d000013.ogg", ns=(0, 10**18))  # new times, same content

@@ -68,10 +68,11 @@ class Tagger:
         """Per-class thresholds tuned on the runs' out-of-fold scores."""
         return self.scorer.thresholds()
 
-    def score(self, clips: Sequence[Clip], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and embeddings of clips' features."""
+    def score(self, clips: Sequence[Clip], progress: bool = False,
+              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and embeddings of clips' features (`exact`: see `Scorer.score`)."""
         with one_torch_thread():
-            return self.scorer.score(clips, progress)
+            return self.scorer.score(clips, progress, exact)
 
     def score_clips(self, clips: Sequence[Clip], progress: bool = False) -> np.ndarray:
         return self.score(clips, progress)[0]
@@ -79,8 +80,7 @@ class Tagger:
     def score_each(self, clips: Sequence[Clip]) -> tuple[np.ndarray, np.ndarray]:
         """Like `score`, but only clips of equal length share a batch, so that a
         clip's scores never depend on the others."""
-        with one_torch_thread():
-            return self.scorer.score(clips, exact=True)
+        return self.score(clips, exact=True)
 
     def decode(self, path: str | Path, whole: bool = True) -> tuple[float, Clip, Clip]:
         """A file decoded once per sample rate: its duration, its features as

@@ -178,6 +178,9 @@ class Database:
 
     # --- models --------------------------------------------------------------------------
     def save_model(self, model: Model) -> None:
+        """Record the model that indexes next (a change only when it is another one)."""
+        if self.meta("model") == model.id and self.model(model.id) == model:
+            return
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
                       (model.id, json.dumps(model.runs), model.backend, json.dumps(model.classes),
@@ -207,6 +210,8 @@ class Database:
         """Insert or replace files' records with their tags, and give files whose
         content is unchanged (id, size, mtime_ns, ctime_ns) their new times: all in one
         transaction, so each record is committed with its tags or not at all."""
+        if not rows and not restats:
+            return  # no transaction: the generation moves only when something changed
         assignments = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS)
         insert = (f"INSERT INTO files ({', '.join(COLUMNS)}, indexed_at) VALUES ({', '.join('?' * len(COLUMNS))}, ?) "
                   f"ON CONFLICT(path) DO UPDATE SET {assignments}, indexed_at = excluded.indexed_at RETURNING id")
