@@ -96,22 +96,34 @@ def trim(wave: np.ndarray, top_db: float = 60.0, frame: int = 2048, hop: int = 5
     below the loudest frame: the rule of `librosa.effects.trim`, in plain numpy
     (librosa's version costs seconds of JIT start-up per process). A silent
     clip is kept whole."""
-    padded = np.pad(wave, frame // 2)
-    n = 1 + (len(padded) - frame) // hop
-    if n < 1:
+    if len(wave) == 0:
         return wave
-    if frame % hop:
+    n = 1 + len(wave) // hop  # frames of the wave padded by frame // 2 each side
+    if frame % (2 * hop) == 0:  # a frame is whole hops, its centre padding too: sum each hop's energy once
+        power = _frame_energy(wave, frame // hop, hop) / frame
+    else:
+        padded = np.pad(wave, frame // 2)
         frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::hop][:n]
         power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
-    else:  # each frame is frame/hop whole hops: sum the hops' energies once
-        hops = padded[: (n - 1) * hop + frame].reshape(-1, hop)
-        energy = np.einsum("ij,ij->i", hops, hops, dtype=np.float64)
-        power = np.lib.stride_tricks.sliding_window_view(energy, frame // hop).sum(axis=1) / frame
     floor = max(power.max(), 1e-10) * 10.0 ** (-top_db / 10.0)
     loud = np.flatnonzero(np.maximum(power, 1e-10) > floor)
     if len(loud) == 0:
         return wave
     return wave[loud[0] * hop : min(len(wave), (loud[-1] + 1) * hop)]
+
+
+def _frame_energy(wave: np.ndarray, hops: int, hop: int) -> np.ndarray:
+    """Energy of each centred frame of `hops` hops (frame i covers hops
+    i - hops/2 … i + hops/2 - 1 of the wave, zero past its ends), without
+    copying the wave into a padded one."""
+    whole = len(wave) // hop
+    body = wave[: whole * hop].reshape(whole, hop)
+    tail = wave[whole * hop :]
+    energy = np.zeros(whole + hops, np.float64)  # hops/2 zero hops, the wave's hops, its tail, zero hops
+    lead = hops // 2
+    energy[lead : lead + whole] = (body[:, None, :] @ body[:, :, None]).ravel()  # float32 BLAS, like librosa
+    energy[lead + whole] = np.dot(tail, tail)
+    return np.convolve(energy, np.ones(hops), "valid")
 
 
 def _read(f: sf.SoundFile) -> np.ndarray:
