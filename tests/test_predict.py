@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import soxr
 import torch
 import yaml
-from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, write_wav
+from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, train_tiny, write_wav
 
 
 from soundtag import predict
@@ -27,7 +27,8 @@ from soundtag.errors import ConfigError, SoundtagError
 from soundtag.features import FeatureConfig
 from soundtag.outputs import top_k
 from soundtag.predict import TTA, Tagger, combine, ordered_map
-from soundtag.store import one_torch_thread
+from soundtag.scorer import RunScorer, torch_network
+from soundtag.store import extract, one_torch_thread
 from soundtag.task import Task
 from soundtag.run import Run, RunError, tensors_digest
 
@@ -247,6 +248,23 @@ def test_tiles_score_is_the_mean_of_the_per_tile_scores(run_a, model_a, long_spe
     geometric = Tagger.load([run_a], tta=TTA("tiles", tile=1.0, hop=0.5, mean="geometric"))
     expected = np.exp(np.log(per_tile).mean(0))
     np.testing.assert_allclose(geometric.score_clips([{cfg: long_spec}])[0], expected, atol=1e-5)
+
+
+def test_a_run_scores_with_the_views_its_config_names_unless_told_others(tmp_path, private_cache, long_spec,
+                                                                         cfg):
+    views = TTA("tiles", tile=1.0, hop=0.5)
+    run = train_tiny(tmp_path / "run", epochs=1, tta={"mode": "tiles", "tile": 1.0, "hop": 0.5})
+    clip = [{cfg: long_spec}]
+    own, whole = Tagger.load([run.folder]).score_clips(clip), Tagger.load([run.folder], tta=TTA()).score_clips(clip)
+    np.testing.assert_allclose(own, Tagger.load([run.folder], tta=views).score_clips(clip), atol=1e-6)
+    assert np.abs(own - whole).max() > 1e-4
+    # the held-out scores written at training (so the out-of-fold figure and thresholds) are views' scores too
+    table = run.read_clips()
+    held = [table.files[i] for i in np.flatnonzero(table.validation(0))]
+    stored = extract(held, cfg, progress=False)
+    expected, _ = RunScorer(run, [torch_network(run.load_model(0))], views).score(
+        [{cfg: stored[i]} for i in range(len(held))])
+    np.testing.assert_allclose(run.fold_scores(0), expected, atol=1e-5)
 
 
 def test_tag_files_equals_scoring_the_computed_features(tagger_a, held_files, cfg):

@@ -251,7 +251,8 @@ def add_tagger_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runs", type=Path, nargs="+", default=[], help="more runs to ensemble with RUN")
     g.add_argument("--weights", type=bounded(float, 0, 1e6), nargs="+", help="one weight per run (RUN first)")
     g.add_argument("--mean", default="arithmetic", help="ensemble mean: arithmetic or geometric")
-    g.add_argument("--tta", default="full", help="full (whole clip), crops (lengths × offsets) or tiles")
+    g.add_argument("--tta", help="full (whole clip), crops (lengths × offsets) or tiles (default: the run's "
+                                 "own, as its config's tta says; whole clips unless it says otherwise)")
     g.add_argument("--tta-lengths", type=SECONDS, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0],
                    help="crop lengths in seconds (crops)")
     g.add_argument("--tta-offsets", type=bounded(int, 1, 100), default=5, help="crops per length (crops)")
@@ -283,7 +284,8 @@ def load_tagger(args: argparse.Namespace):
     check_views(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # also caps torch outside the tagger (timeline features)
-    tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean)
+    tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean) \
+        if args.tta else None
     return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads)
 
 

@@ -25,6 +25,8 @@ from .features import FeatureConfig
 if TYPE_CHECKING:
     import torch
 
+    from .tta import TTA
+
 LARGEST = 2**63 - 1  # whole numbers in a config fit 64 bits
 TYPE_WORDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string",
               type(None): "null"}
@@ -92,6 +94,7 @@ class TrainConfig:
     loss_params: dict[str, Any] = field(default_factory=dict)
     origin_loss: dict[str, dict[str, Any]] = field(default_factory=dict)  # origin → {name, params}: its clips' loss
     average: AverageConfig | None = None  # EMA or SWA of the weights, kept as the fold's weights
+    tta: dict[str, Any] = field(default_factory=dict)  # the views predictions score unless told otherwise (tta.TTA)
     folds: int | str = 5
     train_folds: list[int] | None = None
     noisy: str = "include"
@@ -117,6 +120,7 @@ class TrainConfig:
         self._check_origin_options()
         from .copies import variants
         variants(self.copies)
+        self.test_views()
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":
             raise ConfigError(f"folds must be a whole number ≥ 2 or 'own', not {self.folds!r}")
         if not 0 <= self.crop.low_pct <= self.crop.high_pct <= 100:
@@ -185,6 +189,15 @@ class TrainConfig:
         models.check_features(self.model.name, self.features.kind)
         return models.create_model(self.model.name, num_classes, self.features,
                                    n_mels=self.features.n_features, **self.model.params)
+
+    def test_views(self) -> TTA:
+        """The test-time views this config's runs score by default (whole clips unless `tta` says)."""
+        from .tta import TTA
+        try:
+            return TTA(**self.tta | ({"lengths": tuple(self.tta["lengths"])} if "lengths" in self.tta else {}))
+        except (ConfigError, TypeError, ValueError) as e:  # an unknown option, or a value of the wrong kind
+            raise ConfigError(f"tta: {' '.join(str(e).split())} (its options: mode full, crops or tiles; lengths, "
+                              "a list of seconds; offsets; tile and hop in seconds; mean)") from None
 
     def num_threads(self) -> int:
         return self.threads or min(os.cpu_count() or 1, 2)

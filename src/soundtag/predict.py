@@ -56,7 +56,7 @@ class Tagger:
 
     @classmethod
     def load(cls, runs: Sequence[str | Path], weights: Sequence[float] | None = None, backend: str = "torch",
-             tta: TTA = TTA(), mean: str = "arithmetic", threads: int = 0) -> Tagger:
+             tta: TTA | None = None, mean: str = "arithmetic", threads: int = 0) -> Tagger:
         """Run or stack folders, ensembled when there are several (optionally weighted)."""
         return cls(load(runs, weights, backend, tta, mean, threads), threads)
 

@@ -156,11 +156,12 @@ def networks(run: Run, backend: str) -> list[Network]:
 class RunScorer:
     """One run: every fold network scores every view of a clip."""
 
-    def __init__(self, run: Run, nets: list[Network], tta: TTA = TTA(), mean: str = "arithmetic",
+    def __init__(self, run: Run, nets: list[Network], tta: TTA | None = None, mean: str = "arithmetic",
                  threads: int = 0):
         if mean not in MEANS:
             raise ConfigError(f"unknown mean {mean!r}; valid: {', '.join(MEANS)}")
-        self.run, self.networks, self.tta, self.mean = run, nets, tta, mean
+        self.run, self.networks, self.mean = run, nets, mean
+        self.tta = tta if tta is not None else run.config.test_views()  # the run's own by default
         self.threads = threads or len(os.sched_getaffinity(0))
         self.classes, self.multilabel, self.task = run.classes, run.multilabel, run.task
         self.features = run.config.features
@@ -287,14 +288,14 @@ def read_ensemble(folder: str | Path) -> tuple[list[Path], list[float], str]:
         raise RunError(f"{path}: damaged ensemble file ({e})") from None
 
 
-def load_ensemble(folder: str | Path, backend: str = "torch", tta: TTA = TTA(), mean: str = "arithmetic",
+def load_ensemble(folder: str | Path, backend: str = "torch", tta: TTA | None = None, mean: str = "arithmetic",
                   threads: int = 0) -> Ensemble:
     """An ensemble folder's members, combined by its weights and mean (`mean` combines each member's folds)."""
     members, weights, combined = read_ensemble(folder)
     return Ensemble([load_scorer(m, backend, tta, mean, threads) for m in members], weights, combined)
 
 
-def load_scorer(folder: str | Path, backend: str = "torch", tta: TTA = TTA(), mean: str = "arithmetic",
+def load_scorer(folder: str | Path, backend: str = "torch", tta: TTA | None = None, mean: str = "arithmetic",
                 threads: int = 0) -> Scorer:
     """A run, stack or ensemble folder as a scorer."""
     from .stack import StackScorer, is_stack
@@ -307,7 +308,7 @@ def load_scorer(folder: str | Path, backend: str = "torch", tta: TTA = TTA(), me
 
 
 def load(folders: Sequence[str | Path], weights: Sequence[float] | None = None, backend: str = "torch",
-         tta: TTA = TTA(), mean: str = "arithmetic", threads: int = 0) -> Scorer:
+         tta: TTA | None = None, mean: str = "arithmetic", threads: int = 0) -> Scorer:
     """One folder's scorer, or an ensemble of several (optionally weighted)."""
     if not folders:
         raise ConfigError("need at least one run")

@@ -133,7 +133,7 @@ class Stacker:
 class StackScorer:
     """A stack as a scorer: its runs score a clip, the stacker combines them."""
 
-    def __init__(self, folder: str | Path, backend: str = "torch", tta: TTA = TTA(), mean: str = "arithmetic",
+    def __init__(self, folder: str | Path, backend: str = "torch", tta: TTA | None = None, mean: str = "arithmetic",
                  threads: int = 0):
         self.folder, self.stacker = Path(folder), Stacker(folder)
         self.classes, self.multilabel = self.stacker.classes, self.stacker.multilabel

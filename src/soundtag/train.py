@@ -26,6 +26,7 @@ from .loop import (BestWeights, Checkpoint, EarlyStopping, EpochRecord, FoldStat
 from .models import init_target, is_classifier
 from .optim import build_optimizer, build_schedule, schedule_hooks
 from .run import Run, RunError
+from .scorer import RunScorer, torch_network
 from .splits import assign_folds, fold_ids, inner_split
 from .store import FeatureStore, extract
 
@@ -203,9 +204,19 @@ def _score_held_out(run: Run, k: int, model: torch.nn.Module, held_set: ClipSet,
     ctx.barrier()
     model.load_state_dict(run.weights(k))
     if ctx.main:
-        logits = clip_logits(model, held_set, run.config.batch_size, run.config.bf16, ctx.device, memory)
-        run.save_fold_scores(k, run.task.activate(logits))
+        run.save_fold_scores(k, _held_out_scores(run, model, held_set, ctx, memory))
     ctx.barrier()
+
+
+def _held_out_scores(run: Run, model: torch.nn.Module, held_set: ClipSet, ctx: Context,
+                     memory: torch.memory_format) -> np.ndarray:
+    """Scores of the held-out clips as the run predicts: whole clips, or the views its `tta` names."""
+    views = run.config.test_views()
+    if views.mode == "full":
+        return run.task.activate(clip_logits(model, held_set, run.config.batch_size, run.config.bf16, ctx.device,
+                                             memory))
+    scorer = RunScorer(run, [torch_network(model.cpu().eval())], views)
+    return scorer.score([{run.config.features: held_set.spec(i)} for i in range(len(held_set))])[0]
 
 
 def load_init(model: torch.nn.Module, folder: Path, k: int, classes: list[str]) -> None:
