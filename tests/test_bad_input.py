@@ -482,6 +482,7 @@ def test_feature_option_out_of_range_is_one_error_line(option, value, message, c
 @pytest.mark.parametrize("extra, message", [
     (["--tta", "crops", "--tta-offsets", "100", "--tta-lengths", "10"], "1000 s of crops a clip"),
     (["--tta", "tiles", "--tile", "60", "--tile-hop", "0.5"], "scores each moment 120 times"),
+    (["--tile", "3", "--tta-offsets", "2"], "--tta-offsets, --tile shape the views of --tta; give --tta"),
 ])
 def test_test_time_views_of_one_clip_are_bounded(extra, message, corpus, tmp_path, capsys):
     argv = ["predict", str(tmp_path / "no-run"), str(corpus.root / "good"), "--out", str(tmp_path / "o.csv")]

@@ -157,10 +157,8 @@ def checked(args: argparse.Namespace) -> None:
     """What the commands check before they read data or runs."""
     if args.command == "train":
         config.resolve(args.preset, None, cli.train_overrides(args))
-    if getattr(args, "tta", None):
-        from soundtag.predict import TTA
-        cli.check_views(args)
-        TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean)
+    if hasattr(args, "tta"):
+        cli.views_from(args)
 
 
 @fuzz(80)

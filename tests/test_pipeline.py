@@ -101,6 +101,17 @@ def test_settings_are_checked_before_anything_trains(tmp_path: Path):
     assert (stage3.epochs, stage3.folds, stage3.train_folds) == (7, "own", [0])
 
 
+def test_a_recipe_saved_before_an_option_existed_still_resumes_and_other_settings_do_not(tmp_path: Path):
+    data, base = datasets.read(MULTI), config.resolve("fast", overrides=RECIPE_TINY)
+    folder = pipeline.open_recipe(tmp_path / "recipe", "pipeline", PipelineConfig(), base, data)
+    saved = yaml.safe_load((folder / "recipe.yaml").read_text())
+    del saved["train"]["tta"], saved["settings"]["mean"]  # as a version without those options wrote it
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert pipeline.open_recipe(folder, "pipeline", PipelineConfig(), base, data) == folder
+    with pytest.raises(pipeline.RunError, match="other settings"):
+        pipeline.open_recipe(folder, "pipeline", PipelineConfig(per_class=50), base, data)
+
+
 def test_a_mistake_in_the_settings_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
     path = tmp_path / "pipeline.yaml"
     path.write_text("per_class: 0\n")

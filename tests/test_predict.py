@@ -22,6 +22,7 @@ from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, 
 
 
 from soundtag import predict
+from soundtag import config
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
 from soundtag.features import FeatureConfig
@@ -265,6 +266,25 @@ def test_a_run_scores_with_the_views_its_config_names_unless_told_others(tmp_pat
     expected, _ = RunScorer(run, [torch_network(run.load_model(0))], views).score(
         [{cfg: stored[i]} for i in range(len(held))])
     np.testing.assert_allclose(run.fold_scores(0), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("tta, words", [
+    ({"mode": "crops", "offsets": 2.5}, "offsets must be a whole number"), ({"offsets": True}, "offsets"),
+    ({"mode": "tiles", "tile": 600, "hop": 0.001}, "each moment"), ({"mode": "crops", "lengths": [300, 300]},
+                                                                    "crops of 3000 s a clip"),
+    ({"lengths": 2}, "tta.lengths must be a list"), ({"tiel": 2}, "unknown option.*tiel.*valid: hop"),
+    ({"mode": "slices"}, "unknown TTA mode")])
+def test_a_bad_tta_in_a_config_is_refused_before_training(tta, words):
+    with pytest.raises(ConfigError, match=words):
+        config.resolve("fast", overrides={"tta": tta}).validate()
+
+
+def test_without_tta_the_command_line_scores_with_each_runs_own_views(run_a):
+    from soundtag import cli
+    args = cli.build_parser().parse_args(["predict", str(run_a), "A", "--out", "o"])
+    assert cli.views_from(args) is None
+    args = cli.build_parser().parse_args(["predict", str(run_a), "A", "--out", "o", "--tta", "tiles", "--tile", "3"])
+    assert cli.views_from(args) == TTA("tiles", tile=3.0)
 
 
 def test_tag_files_equals_scoring_the_computed_features(tagger_a, held_files, cfg):

@@ -121,7 +121,7 @@ def _frame_energy(wave: np.ndarray, hops: int, hop: int) -> np.ndarray:
     tail = wave[whole * hop :]
     energy = np.zeros(whole + hops, np.float64)  # hops/2 zero hops, the wave's hops, its tail, zero hops
     lead = hops // 2
-    energy[lead : lead + whole] = (body[:, None, :] @ body[:, :, None]).ravel()  # float32 BLAS, like librosa
+    energy[lead : lead + whole] = (body[:, None, :] @ body[:, :, None]).ravel()  # float32 dot products, as librosa sums in float32
     energy[lead + whole] = np.dot(tail, tail)
     return np.convolve(energy, np.ones(hops), "valid")
 

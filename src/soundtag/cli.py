@@ -58,8 +58,6 @@ WORKERS = bounded(int, 1, 1024)
 EPOCHS = bounded(int, 1, 100_000)
 TOP_K = bounded(int, 1, 1000)
 MAX_FOLDS = 100
-MAX_VIEW_SECONDS = 600  # test-time crops of one clip, all lengths and offsets together
-MAX_TILE_OVERLAP = 20  # tiles covering any moment of a clip
 ESCAPED_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
@@ -253,11 +251,11 @@ def add_tagger_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", default="arithmetic", help="ensemble mean: arithmetic or geometric")
     g.add_argument("--tta", help="full (whole clip), crops (lengths × offsets) or tiles (default: the run's "
                                  "own, as its config's tta says; whole clips unless it says otherwise)")
-    g.add_argument("--tta-lengths", type=SECONDS, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0],
-                   help="crop lengths in seconds (crops)")
-    g.add_argument("--tta-offsets", type=bounded(int, 1, 100), default=5, help="crops per length (crops)")
-    g.add_argument("--tile", type=SECONDS, default=2.0, help="tile length in seconds (tiles)")
-    g.add_argument("--tile-hop", type=SECONDS, default=1.0, help="seconds between tiles (tiles)")
+    g.add_argument("--tta-lengths", type=SECONDS, nargs="+",
+                   help="crop lengths in seconds (crops; default 1 1.5 2 3 4 5)")
+    g.add_argument("--tta-offsets", type=bounded(int, 1, 100), help="crops per length (crops; default 5)")
+    g.add_argument("--tile", type=SECONDS, help="tile length in seconds (tiles; default 2)")
+    g.add_argument("--tile-hop", type=SECONDS, help="seconds between tiles (tiles; default 1)")
     g.add_argument("--backend", default="torch",
                    help="torch, onnx or onnx-int8 (after `soundtag export`, with --int8 for onnx-int8)")
     g.add_argument("--threads", type=THREADS, default=0,
@@ -265,27 +263,40 @@ def add_tagger_options(p: argparse.ArgumentParser) -> None:
                         "(default: all cores)")
 
 
-def check_views(args: argparse.Namespace) -> None:
-    """Bound what the test-time views of one clip hold, before any audio is read."""
-    crops = args.tta_offsets * sum(args.tta_lengths)
-    if args.tta == "crops" and crops > MAX_VIEW_SECONDS:
-        raise ConfigError(f"--tta-offsets × the sum of --tta-lengths is {crops:g} s of crops a clip; "
-                          f"keep it at most {MAX_VIEW_SECONDS} s")
-    if args.tta == "tiles" and args.tile > MAX_TILE_OVERLAP * args.tile_hop:
-        raise ConfigError(f"--tile {args.tile:g} s every --tile-hop {args.tile_hop:g} s scores each moment "
-                          f"{args.tile / args.tile_hop:.0f} times; keep --tile-hop at least "
-                          f"--tile / {MAX_TILE_OVERLAP}")
+VIEW_OPTIONS = {"tta_lengths": "lengths", "tta_offsets": "offsets", "tile": "tile", "tile_hop": "hop"}
+
+
+def views_from(args: argparse.Namespace):
+    """The views `--tta` and its options name, or None (each run scores with its own); checked
+    before any audio is read."""
+    from .tta import MAX_TILE_OVERLAP, MAX_VIEW_SECONDS, TTA
+    given = {field: getattr(args, option) for option, field in VIEW_OPTIONS.items()
+             if getattr(args, option) is not None}
+    if not args.tta:
+        if given:
+            flags = ", ".join("--" + o.replace("_", "-") for o in VIEW_OPTIONS if getattr(args, o) is not None)
+            raise ConfigError(f"{flags} shape the views of --tta; give --tta crops or tiles too (without it "
+                              "each run scores with its own views)")
+        return None
+    defaults = TTA()
+    lengths, offsets = given.get("lengths", defaults.lengths), given.get("offsets", defaults.offsets)
+    tile, hop = given.get("tile", defaults.tile), given.get("hop", defaults.hop)
+    if args.tta == "crops" and offsets * sum(lengths) > MAX_VIEW_SECONDS:
+        raise ConfigError(f"--tta-offsets × the sum of --tta-lengths is {offsets * sum(lengths):g} s of crops a "
+                          f"clip; keep it at most {MAX_VIEW_SECONDS} s")
+    if args.tta == "tiles" and tile > MAX_TILE_OVERLAP * hop:
+        raise ConfigError(f"--tile {tile:g} s every --tile-hop {hop:g} s scores each moment {tile / hop:.0f} "
+                          f"times; keep --tile-hop at least --tile / {MAX_TILE_OVERLAP}")
+    return TTA(args.tta, tuple(lengths), offsets, tile, hop, args.mean)
 
 
 def load_tagger(args: argparse.Namespace):
     import torch
 
-    from .predict import TTA, Tagger
-    check_views(args)
+    from .predict import Tagger
+    tta = views_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # also caps torch outside the tagger (timeline features)
-    tta = TTA(args.tta, tuple(args.tta_lengths), args.tta_offsets, args.tile, args.tile_hop, args.mean) \
-        if args.tta else None
     return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads)
 
 

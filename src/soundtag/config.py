@@ -193,11 +193,17 @@ class TrainConfig:
     def test_views(self) -> TTA:
         """The test-time views this config's runs score by default (whole clips unless `tta` says)."""
         from .tta import TTA
+        valid = [f.name for f in dataclasses.fields(TTA)]
+        unknown = sorted(map(str, set(self.tta) - set(valid)))
+        if unknown:
+            raise ConfigError(f"tta: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        lengths = self.tta.get("lengths", list(TTA.lengths))
+        if not isinstance(lengths, list):
+            raise ConfigError(f"tta.lengths must be a list of seconds, not {_shown(lengths)}")
         try:
-            return TTA(**self.tta | ({"lengths": tuple(self.tta["lengths"])} if "lengths" in self.tta else {}))
-        except (ConfigError, TypeError, ValueError) as e:  # an unknown option, or a value of the wrong kind
-            raise ConfigError(f"tta: {' '.join(str(e).split())} (its options: mode full, crops or tiles; lengths, "
-                              "a list of seconds; offsets; tile and hop in seconds; mean)") from None
+            return TTA(**self.tta | {"lengths": tuple(lengths)})
+        except ConfigError as e:
+            raise ConfigError(f"tta: {e}") from None
 
     def num_threads(self) -> int:
         return self.threads or min(os.cpu_count() or 1, 2)

@@ -160,6 +160,9 @@ def open_recipe(out: str | Path, recipe: str, settings: Any, base: TrainConfig, 
         if not (folder / RECIPE).is_file():
             raise RunError(f"{folder} already exists and is not a recipe folder; pass --force to replace it")
         old = yaml.safe_load((folder / RECIPE).read_text()) or {}
+        old |= {"settings": _with_defaults(old.get("settings"), lambda d: dataclasses.asdict(
+                    build_dataclass(type(settings), d, "settings"))),
+                "train": _with_defaults(old.get("train"), lambda d: TrainConfig.from_dict(d).to_dict())}
         changed = [key for key in saved if old.get(key) != saved[key]]
         if changed:
             raise RunError(f"{folder} holds a {old.get('recipe')} with other {' and '.join(changed)}; rerun it as "
@@ -170,6 +173,15 @@ def open_recipe(out: str | Path, recipe: str, settings: Any, base: TrainConfig, 
     folder.mkdir(parents=True)
     (folder / RECIPE).write_text(yaml.safe_dump(saved, sort_keys=False))
     return folder
+
+
+def _with_defaults(section: Any, rebuild: Callable[[Any], dict]) -> Any:
+    """A saved section with the options added since it was saved at their defaults
+    (as saved), so that a recipe folder resumes across versions; as it is if it no longer loads."""
+    try:
+        return yaml.safe_load(yaml.safe_dump(rebuild(section), sort_keys=False))
+    except (ConfigError, TypeError, yaml.YAMLError):
+        return section
 
 
 def recipe_clips(folder: Path, table: ClipTable, base: TrainConfig, held: np.ndarray) -> ClipTable:
@@ -216,7 +228,7 @@ class Stages:
 
 # --- scoring with one fold's network ------------------------------------------------------------------
 def fold_scorer(run: Run, k: int) -> RunScorer:
-    """Fold k's network of a run as a scorer (whole clips)."""
+    """Fold k's network of a run as a scorer (with the run's test-time views)."""
     return RunScorer(run, [torch_network(run.load_model(k))], threads=run.config.num_threads())
 
 

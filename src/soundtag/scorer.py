@@ -101,11 +101,12 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: i
 
 
 # --- networks: one per fold, on a backend --------------------------------------------------
-def torch_network(model: torch.nn.Module) -> Network:
+def torch_network(model: torch.nn.Module, device: torch.device | None = None) -> Network:
+    """A torch model as a network, its inputs moved to `device` (the CPU by default)."""
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            logits, embedding = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
-            return logits.numpy(), embedding.numpy()
+            logits, embedding = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device or "cpu"))
+            return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
     return run
 
 

@@ -215,7 +215,7 @@ def _held_out_scores(run: Run, model: torch.nn.Module, held_set: ClipSet, ctx: C
     if views.mode == "full":
         return run.task.activate(clip_logits(model, held_set, run.config.batch_size, run.config.bf16, ctx.device,
                                              memory))
-    scorer = RunScorer(run, [torch_network(model.cpu().eval())], views)
+    scorer = RunScorer(run, [torch_network(model.eval(), ctx.device)], views, threads=run.config.num_threads())
     return scorer.score([{run.config.features: held_set.spec(i)} for i in range(len(held_set))])[0]
 
 

@@ -14,6 +14,8 @@ from .registry import Registry
 
 MEANS = ("arithmetic", "geometric")
 MAX_SECONDS = 600.0  # no view is longer than this
+MAX_VIEW_SECONDS = 600  # test-time crops of one clip, all lengths and offsets together
+MAX_TILE_OVERLAP = 20  # tiles covering any moment of a clip
 
 
 MODES: Registry[Callable[[TTA, np.ndarray, float], list[np.ndarray]]] = Registry("TTA mode")
@@ -57,14 +59,24 @@ class TTA:
         if self.mean not in MEANS:
             raise ConfigError(f"unknown mean {self.mean!r}; valid: {', '.join(MEANS)}")
         seconds = [*self.lengths, self.tile, self.hop]
-        if not self.lengths or not all(np.isfinite(s) and 0 < s <= MAX_SECONDS for s in seconds):
+        if not self.lengths or not all(_is_number(s) and np.isfinite(s) and 0 < s <= MAX_SECONDS for s in seconds):
             raise ConfigError(f"TTA crop lengths, tile and hop must be between 0 and {MAX_SECONDS:g} s")
-        if not 1 <= self.offsets <= 100:
-            raise ConfigError("TTA offsets must be between 1 and 100")
+        if type(self.offsets) is not int or not 1 <= self.offsets <= 100:
+            raise ConfigError(f"TTA offsets must be a whole number between 1 and 100, not {self.offsets!r}")
+        if self.mode == "crops" and self.offsets * sum(self.lengths) > MAX_VIEW_SECONDS:
+            raise ConfigError(f"TTA crops of {self.offsets * sum(self.lengths):g} s a clip (offsets × the sum of "
+                              f"lengths); keep them at most {MAX_VIEW_SECONDS} s")
+        if self.mode == "tiles" and self.tile > MAX_TILE_OVERLAP * self.hop:
+            raise ConfigError(f"TTA tiles of {self.tile:g} s every {self.hop:g} s score each moment "
+                              f"{self.tile / self.hop:.0f} times; keep hop at least tile / {MAX_TILE_OVERLAP}")
 
     def views(self, spec: np.ndarray, fps: float) -> list[np.ndarray]:
         """Batches [n, 1, F, T] of the views of one clip, one batch per view length."""
         return MODES.get(self.mode)(self, spec, fps)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
 def view_frames(seconds: float, fps: float) -> int:
