@@ -271,7 +271,7 @@ def test_a_run_scores_with_the_views_its_config_names_unless_told_others(tmp_pat
 @pytest.mark.parametrize("tta, words", [
     ({"mode": "crops", "offsets": 2.5}, "offsets must be a whole number"), ({"offsets": True}, "offsets"),
     ({"mode": "tiles", "tile": 600, "hop": 0.001}, "each moment"), ({"mode": "crops", "lengths": [300, 300]},
-                                                                    "crops of 3000 s a clip"),
+                                                                    "3000 s of crops a clip"),
     ({"lengths": 2}, "tta.lengths must be a list"), ({"tiel": 2}, "unknown option.*tiel.*valid: hop"),
     ({"mode": "slices"}, "unknown TTA mode")])
 def test_a_bad_tta_in_a_config_is_refused_before_training(tta, words):

@@ -98,12 +98,11 @@ def trim(wave: np.ndarray, top_db: float = 60.0, frame: int = 2048, hop: int = 5
     clip is kept whole."""
     if len(wave) == 0:
         return wave
-    n = 1 + len(wave) // hop  # frames of the wave padded by frame // 2 each side
     if frame % (2 * hop) == 0:  # a frame is whole hops, its centre padding too: sum each hop's energy once
         power = _frame_energy(wave, frame // hop, hop) / frame
     else:
         padded = np.pad(wave, frame // 2)
-        frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::hop][:n]
+        frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::hop][: 1 + len(wave) // hop]
         power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
     floor = max(power.max(), 1e-10) * 10.0 ** (-top_db / 10.0)
     loud = np.flatnonzero(np.maximum(power, 1e-10) > floor)
@@ -121,7 +120,7 @@ def _frame_energy(wave: np.ndarray, hops: int, hop: int) -> np.ndarray:
     tail = wave[whole * hop :]
     energy = np.zeros(whole + hops, np.float64)  # hops/2 zero hops, the wave's hops, its tail, zero hops
     lead = hops // 2
-    energy[lead : lead + whole] = (body[:, None, :] @ body[:, :, None]).ravel()  # float32 dot products, as librosa sums in float32
+    energy[lead : lead + whole] = (body[:, None, :] @ body[:, :, None]).ravel()  # in float32, as librosa sums
     energy[lead + whole] = np.dot(tail, tail)
     return np.convolve(energy, np.ones(hops), "valid")
 

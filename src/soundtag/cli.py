@@ -267,27 +267,20 @@ VIEW_OPTIONS = {"tta_lengths": "lengths", "tta_offsets": "offsets", "tile": "til
 
 
 def views_from(args: argparse.Namespace):
-    """The views `--tta` and its options name, or None (each run scores with its own); checked
-    before any audio is read."""
-    from .tta import MAX_TILE_OVERLAP, MAX_VIEW_SECONDS, TTA
+    """The views `--tta` and its options name (checked before any audio is read), or
+    None: each run scores with its own."""
+    import dataclasses
+
+    from .tta import TTA
     given = {field: getattr(args, option) for option, field in VIEW_OPTIONS.items()
              if getattr(args, option) is not None}
-    if not args.tta:
-        if given:
-            flags = ", ".join("--" + o.replace("_", "-") for o in VIEW_OPTIONS if getattr(args, o) is not None)
-            raise ConfigError(f"{flags} shape the views of --tta; give --tta crops or tiles too (without it "
-                              "each run scores with its own views)")
-        return None
-    defaults = TTA()
-    lengths, offsets = given.get("lengths", defaults.lengths), given.get("offsets", defaults.offsets)
-    tile, hop = given.get("tile", defaults.tile), given.get("hop", defaults.hop)
-    if args.tta == "crops" and offsets * sum(lengths) > MAX_VIEW_SECONDS:
-        raise ConfigError(f"--tta-offsets × the sum of --tta-lengths is {offsets * sum(lengths):g} s of crops a "
-                          f"clip; keep it at most {MAX_VIEW_SECONDS} s")
-    if args.tta == "tiles" and tile > MAX_TILE_OVERLAP * hop:
-        raise ConfigError(f"--tile {tile:g} s every --tile-hop {hop:g} s scores each moment {tile / hop:.0f} "
-                          f"times; keep --tile-hop at least --tile / {MAX_TILE_OVERLAP}")
-    return TTA(args.tta, tuple(lengths), offsets, tile, hop, args.mean)
+    if args.tta:
+        return dataclasses.replace(TTA(), mode=args.tta, mean=args.mean, **given)
+    if given:
+        flags = ", ".join("--" + option.replace("_", "-") for option, field in VIEW_OPTIONS.items() if field in given)
+        raise ConfigError(f"{flags} shape the views of --tta; give --tta crops or tiles too (without it each run "
+                          "scores with its own views)")
+    return None
 
 
 def load_tagger(args: argparse.Namespace):

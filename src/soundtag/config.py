@@ -21,11 +21,10 @@ import yaml
 
 from .errors import ConfigError
 from .features import FeatureConfig
+from .tta import TTA
 
 if TYPE_CHECKING:
     import torch
-
-    from .tta import TTA
 
 LARGEST = 2**63 - 1  # whole numbers in a config fit 64 bits
 TYPE_WORDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string",
@@ -94,7 +93,7 @@ class TrainConfig:
     loss_params: dict[str, Any] = field(default_factory=dict)
     origin_loss: dict[str, dict[str, Any]] = field(default_factory=dict)  # origin → {name, params}: its clips' loss
     average: AverageConfig | None = None  # EMA or SWA of the weights, kept as the fold's weights
-    tta: dict[str, Any] = field(default_factory=dict)  # the views predictions score unless told otherwise (tta.TTA)
+    tta: TTA = field(default_factory=TTA)  # the views predictions (and held-out scores) use unless told otherwise
     folds: int | str = 5
     train_folds: list[int] | None = None
     noisy: str = "include"
@@ -120,7 +119,6 @@ class TrainConfig:
         self._check_origin_options()
         from .copies import variants
         variants(self.copies)
-        self.test_views()
         if not (isinstance(self.folds, int) and self.folds >= 2) and self.folds != "own":
             raise ConfigError(f"folds must be a whole number ≥ 2 or 'own', not {self.folds!r}")
         if not 0 <= self.crop.low_pct <= self.crop.high_pct <= 100:
@@ -190,21 +188,6 @@ class TrainConfig:
         return models.create_model(self.model.name, num_classes, self.features,
                                    n_mels=self.features.n_features, **self.model.params)
 
-    def test_views(self) -> TTA:
-        """The test-time views this config's runs score by default (whole clips unless `tta` says)."""
-        from .tta import TTA
-        valid = [f.name for f in dataclasses.fields(TTA)]
-        unknown = sorted(map(str, set(self.tta) - set(valid)))
-        if unknown:
-            raise ConfigError(f"tta: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-        lengths = self.tta.get("lengths", list(TTA.lengths))
-        if not isinstance(lengths, list):
-            raise ConfigError(f"tta.lengths must be a list of seconds, not {_shown(lengths)}")
-        try:
-            return TTA(**self.tta | {"lengths": tuple(lengths)})
-        except ConfigError as e:
-            raise ConfigError(f"tta: {e}") from None
-
     def num_threads(self) -> int:
         return self.threads or min(os.cpu_count() or 1, 2)
 
@@ -256,6 +239,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(_matches(value, a) for a in args)
     if origin is list:
         return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is tuple:  # tuple[X, ...], written as a list
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
     if origin is dict:
         return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1])
                                                for k, v in value.items())
@@ -271,7 +256,7 @@ def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
-    if origin is list:
+    if origin in (list, tuple):
         return f"a list of items each {_describe(args[0])}"
     if origin is dict or dataclasses.is_dataclass(hint):
         return "a mapping"

@@ -162,7 +162,7 @@ class RunScorer:
         if mean not in MEANS:
             raise ConfigError(f"unknown mean {mean!r}; valid: {', '.join(MEANS)}")
         self.run, self.networks, self.mean = run, nets, mean
-        self.tta = tta if tta is not None else run.config.test_views()  # the run's own by default
+        self.tta = tta if tta is not None else run.config.tta  # the run's own by default
         self.threads = threads or len(os.sched_getaffinity(0))
         self.classes, self.multilabel, self.task = run.classes, run.multilabel, run.task
         self.features = run.config.features

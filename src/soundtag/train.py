@@ -211,7 +211,7 @@ def _score_held_out(run: Run, k: int, model: torch.nn.Module, held_set: ClipSet,
 def _held_out_scores(run: Run, model: torch.nn.Module, held_set: ClipSet, ctx: Context,
                      memory: torch.memory_format) -> np.ndarray:
     """Scores of the held-out clips as the run predicts: whole clips, or the views its `tta` names."""
-    views = run.config.test_views()
+    views = run.config.tta
     if views.mode == "full":
         return run.task.activate(clip_logits(model, held_set, run.config.batch_size, run.config.bf16, ctx.device,
                                              memory))

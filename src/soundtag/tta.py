@@ -55,28 +55,26 @@ class TTA:
     mean: str = "arithmetic"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lengths", tuple(self.lengths))  # a config's list
         MODES.get(self.mode)
         if self.mean not in MEANS:
             raise ConfigError(f"unknown mean {self.mean!r}; valid: {', '.join(MEANS)}")
         seconds = [*self.lengths, self.tile, self.hop]
-        if not self.lengths or not all(_is_number(s) and np.isfinite(s) and 0 < s <= MAX_SECONDS for s in seconds):
+        if not self.lengths or not all(np.isfinite(s) and 0 < s <= MAX_SECONDS for s in seconds):
             raise ConfigError(f"TTA crop lengths, tile and hop must be between 0 and {MAX_SECONDS:g} s")
-        if type(self.offsets) is not int or not 1 <= self.offsets <= 100:
-            raise ConfigError(f"TTA offsets must be a whole number between 1 and 100, not {self.offsets!r}")
-        if self.mode == "crops" and self.offsets * sum(self.lengths) > MAX_VIEW_SECONDS:
-            raise ConfigError(f"TTA crops of {self.offsets * sum(self.lengths):g} s a clip (offsets × the sum of "
-                              f"lengths); keep them at most {MAX_VIEW_SECONDS} s")
+        if not 1 <= self.offsets <= 100:
+            raise ConfigError("TTA offsets must be between 1 and 100")
+        crops = self.offsets * sum(self.lengths)
+        if self.mode == "crops" and crops > MAX_VIEW_SECONDS:
+            raise ConfigError(f"TTA offsets × the sum of its crop lengths is {crops:g} s of crops a clip; keep it "
+                              f"at most {MAX_VIEW_SECONDS} s")
         if self.mode == "tiles" and self.tile > MAX_TILE_OVERLAP * self.hop:
-            raise ConfigError(f"TTA tiles of {self.tile:g} s every {self.hop:g} s score each moment "
-                              f"{self.tile / self.hop:.0f} times; keep hop at least tile / {MAX_TILE_OVERLAP}")
+            raise ConfigError(f"a TTA tile of {self.tile:g} s every {self.hop:g} s scores each moment "
+                              f"{self.tile / self.hop:.0f} times; keep its hop at least tile / {MAX_TILE_OVERLAP}")
 
     def views(self, spec: np.ndarray, fps: float) -> list[np.ndarray]:
         """Batches [n, 1, F, T] of the views of one clip, one batch per view length."""
         return MODES.get(self.mode)(self, spec, fps)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
 def view_frames(seconds: float, fps: float) -> int:
