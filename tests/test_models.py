@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from soundtag.errors import ConfigError
-from soundtag.models import MODELS, create_model, model_names
+from soundtag.models import MODELS, create_model, folded, model_names
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -171,3 +172,30 @@ def test_onnx_export_dynamic_frames(name: str, tmp_path) -> None:
         got = session.run(None, {"logmel": x.numpy()})
         for out, ref in zip(got, expected):
             np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("deltas", [0, 2])
+def test_folding_mobilenet_keeps_its_outputs_and_drops_the_adapter_projection(deltas: int) -> None:
+    torch.manual_seed(0)
+    model = calibrated(create_model("mobilenetv2", NUM_CLASSES, width=0.5, deltas=deltas))
+    fold = folded(copy.deepcopy(model))
+    convs = [m for m in fold.features[:3] if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1), (3, 3)]  # the 1×1 projection is gone
+    x = logmel(3, 64, 41, seed=2)
+    with torch.no_grad():
+        # the stem's output (3 layers, 5 once folded): an untrained network's later
+        # batch norms would hide a wrong fold in the logits
+        inputs = model.deltas(model.bn0(x))
+        torch.testing.assert_close(fold.features[:5](inputs), model.features[:3](inputs), rtol=1e-4, atol=1e-5)
+        for a, b in zip(fold(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(folded(copy.deepcopy(fold))(x)[1], fold(x)[1])
+    assert not fold.training
+
+
+def test_folding_leaves_a_network_without_folds_as_it_was() -> None:
+    model = calibrated(small_model("cnn6"))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    folded(model)
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .models import folded
 from .registry import Registry
 from .run import Run, RunError
 from .store import clip_features
@@ -84,14 +85,15 @@ def calibration_inputs(run: Run) -> Iterator[np.ndarray]:
 @FORMATS.register("onnx")
 def _onnx(run: Run, opset: int) -> list[Path]:
     """`RUN/onnx/fold<k>.onnx`: input `logmel` [batch, 1, n_features, frames],
-    outputs `logits` and `embedding`; batch and frames are dynamic."""
+    outputs `logits` and `embedding`; batch and frames are dynamic. The
+    networks are folded for inference (`models.folded`)."""
     sample = torch.zeros(2, 1, run.config.features.n_features, 200)
     paths = []
     for k in run.trained_folds():
         path = run.onnx_path(k)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(run.load_model(k), (sample,), str(path), dynamo=False, opset_version=opset,
+            torch.onnx.export(folded(run.load_model(k)), (sample,), str(path), dynamo=False, opset_version=opset,
                               input_names=["logmel"], output_names=["logits", "embedding"],
                               dynamic_axes={"logmel": {0: "batch", 3: "frames"}, "logits": {0: "batch"},
                                             "embedding": {0: "batch"}})

@@ -43,6 +43,7 @@ from .clips import ClipTable
 from .config import TrainConfig, build_dataclass, check_choice, load_yaml, merge
 from .datasets import Dataset
 from .errors import ConfigError, DataError
+from .models import folded
 from .run import Run, RunError
 from .scorer import RunScorer, Scorer, check_weights, torch_network, write_ensemble
 from .splits import assign_folds
@@ -229,7 +230,7 @@ class Stages:
 # --- scoring with one fold's network ------------------------------------------------------------------
 def fold_scorer(run: Run, k: int) -> RunScorer:
     """Fold k's network of a run as a scorer (with the run's test-time views)."""
-    return RunScorer(run, [torch_network(run.load_model(k))], threads=run.config.num_threads())
+    return RunScorer(run, [torch_network(folded(run.load_model(k)))], threads=run.config.num_threads())
 
 
 def score_files(scorer: Scorer, files: Sequence[str], cache_dir: str | Path | None = None,

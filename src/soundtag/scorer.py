@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .features import FeatureConfig
 from .registry import Registry
 from .loader import eval_batches
+from .models import folded
 from .run import Run, RunError, found_path, stored_path
 from .store import one_torch_thread
 from .tta import MEANS, TTA
@@ -129,7 +130,7 @@ BACKENDS: Registry[Callable[[Run], list[Network]]] = Registry("backend")
 
 @BACKENDS.register("torch")
 def torch_networks(run: Run) -> list[Network]:
-    return [torch_network(m) for m in run.load_models()]
+    return [torch_network(folded(m)) for m in run.load_models()]
 
 
 @BACKENDS.register("onnx")

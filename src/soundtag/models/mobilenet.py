@@ -8,6 +8,8 @@ from torch import nn
 from . import MODELS
 from .common import Act, GlobalPool, TaggerNet, activation, conv_bn, input_channels, scaled
 
+ADAPTER = 10  # hidden channels of the 1→3 adapter
+
 # (expansion t, channels c, repeats n, first stride s), MobileNetV2 table 2.
 SETTINGS = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -46,7 +48,7 @@ class MobileNetV2(TaggerNet):
         fn = activation(act)
         c_in = scaled(32, width)
         layers: list[nn.Module] = [
-            conv_bn(input_channels(deltas), 10, 1), nn.Conv2d(10, 3, 1),  # learned 1→3 channel adapter
+            conv_bn(input_channels(deltas), ADAPTER, 1), nn.Conv2d(ADAPTER, 3, 1),  # learned 1→3 channel adapter
             conv_bn(3, c_in, 3, 2, act=fn),
         ]
         for t, c, n, s in SETTINGS:
@@ -60,3 +62,28 @@ class MobileNetV2(TaggerNet):
             n_mels, nn.Sequential(*layers), GlobalPool(), nn.Identity(),
             c_last, num_classes, dropout, deltas,
         )
+
+    @torch.no_grad()
+    def fold(self) -> MobileNetV2:
+        """The same function in fewer steps, for inference (in place; eval mode):
+        the adapter's linear 10→3 projection is folded into the first 3×3
+        convolution, which then reads the adapter's 10 hidden channels plus one
+        constant 1 (which carries the projection's bias, and is 0 in the
+        convolution's zero padding like the projection's output). Skips one
+        full-resolution layer; outputs equal to rounding."""
+        expand, project, first = self.features[0], self.features[1], self.features[2]
+        if not isinstance(project, nn.Conv2d) or project.kernel_size != (1, 1):
+            return self  # folded already
+        conv, bn = expand[0], expand[1]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        hidden = nn.Conv2d(conv.in_channels, ADAPTER + 1, 1)
+        hidden.weight.zero_()
+        hidden.weight[:ADAPTER] = conv.weight * scale.view(-1, 1, 1, 1)
+        hidden.bias[:ADAPTER] = bn.bias - bn.running_mean * scale
+        hidden.bias[ADAPTER] = 1.0  # the constant channel
+        w = first[0].weight  # [out, 3, k, k]
+        merged = nn.Conv2d(ADAPTER + 1, w.shape[0], w.shape[2:], first[0].stride, first[0].padding, bias=False)
+        merged.weight[:, :ADAPTER] = torch.einsum("ocij,cn->onij", w, project.weight[:, :, 0, 0])
+        merged.weight[:, ADAPTER] = torch.einsum("ocij,c->oij", w, project.bias)
+        self.features = nn.Sequential(hidden, expand[2], merged, *first[1:], *self.features[3:])
+        return self.eval()
