@@ -5,6 +5,7 @@ length, fold ensembles on both backends, and the errors."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
@@ -63,6 +64,17 @@ def test_the_graph_takes_any_batch_and_length(exported):
     assert logmel.name == "logmel"
     assert isinstance(logmel.shape[0], str) and logmel.shape[1:3] == [1, 64] and isinstance(logmel.shape[3], str)
     assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+
+
+def test_an_exported_mobilenet_has_its_adapter_projection_folded_away(exported):
+    run_dir, paths = exported
+    if Run.open(run_dir).config.model.name != "mobilenetv2":
+        pytest.skip("only MobileNetV2 has a part that folds")
+    graph = onnx.load(str(paths[0])).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    kernels = [shapes[n.input[1]] for n in graph.node if n.op_type == "Conv"]
+    # the adapter's 10→3 projection is gone; the first 3×3 conv reads 10 channels + a constant
+    assert (3, 10, 1, 1) not in kernels and any(k[1:] == (11, 3, 3) for k in kernels)
 
 
 def test_onnx_runtime_matches_torch_on_real_clips_of_several_lengths(exported, real_specs):

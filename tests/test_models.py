@@ -190,6 +190,9 @@ def test_folding_mobilenet_keeps_its_outputs_and_drops_the_adapter_projection(de
         for a, b in zip(fold(x), model(x)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(folded(copy.deepcopy(fold))(x)[1], fold(x)[1])
+        # the new layers take the network's dtype
+        torch.testing.assert_close(folded(copy.deepcopy(model).double())(x.double())[1], model(x)[1].double(),
+                                   rtol=1e-4, atol=1e-6)
     assert not fold.training
 
 

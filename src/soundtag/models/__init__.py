@@ -51,9 +51,9 @@ def create_model(name: str, num_classes: int, features: FeatureConfig | None = N
 
 
 def folded(model: nn.Module) -> nn.Module:
-    """`model` (in eval mode, its weights loaded) with every part that has a
-    `fold()` rewritten for inference: the same outputs, to rounding, in less
-    time. Never train or save a folded model."""
+    """`model` itself, rewritten in place for inference: every part that has a
+    `fold()` (MobileNetV2's adapter) computes the same outputs, to rounding, in
+    fewer layers; eval mode. Never train or save a folded model."""
     for module in list(model.modules()):
         fold = getattr(module, "fold", None)
         if callable(fold):
