@@ -4,6 +4,7 @@ networks written beside the float ones, and their scores near the float ones."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from helpers import copy_run, held_out, shared_run
 
@@ -29,3 +30,6 @@ def test_int8_export_sits_beside_the_float_one_and_scores_like_it(tmp_path_facto
     assert np.abs(int8_scores - float_scores).mean() < 0.02
     assert (int8_scores.argmax(1) == float_scores.argmax(1)).mean() >= 0.8
     assert not np.array_equal(int8_scores, float_scores)
+    graph = onnx.load(str(run / "onnx" / "int8-fold0.onnx")).graph
+    quantised = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert not any(name.startswith("bn0.") for name in quantised)  # the input's batch norm stays float

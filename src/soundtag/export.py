@@ -20,7 +20,9 @@ from .store import clip_features
 FORMATS: Registry[Callable[[Run, int], list[Path]]] = Registry("export format")
 CALIBRATION_CLIPS = 64  # training clips whose activations set the int8 ranges
 CALIBRATION_FRAMES = 512  # longer calibration clips are cut to this many frames
-FLOAT_NODES = "/summary/"  # the summary statistics (soundtag.summary) stay float: as int8 they lose the clip
+# Nodes that stay float: the summary statistics (soundtag.summary), which lose the clip as int8,
+# and the input's per-mel batch norm (a 1-D scale that per-channel int8 cannot take; nothing to gain).
+FLOAT_NODES = ("/summary/", "/bn0/")
 
 
 def export(folder: str | Path, fmt: str = "onnx", opset: int = 17, int8: bool = False) -> list[Path]:
@@ -39,7 +41,7 @@ def quantize(run: Run) -> list[Path]:
     (7-bit int8 weights per channel, which AVX2 multiplies without saturating;
     uint8 activations; QDQ), its activation ranges
     calibrated on up to CALIBRATION_CLIPS of the run's training clips; a
-    summary-statistics branch stays float (FLOAT_NODES)."""
+    summary-statistics branch and the input's batch norm stay float (FLOAT_NODES)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -58,7 +60,8 @@ def quantize(run: Run) -> list[Path]:
         with tempfile.TemporaryDirectory() as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(run.onnx_path(k)), str(prepared), skip_symbolic_shape=True)
-            keep = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith(FLOAT_NODES)]
+            nodes = onnx.load(str(prepared)).graph.node
+            keep = [n.name for n in nodes if any(part in n.name for part in FLOAT_NODES)]
             quantize_static(str(prepared), str(run.onnx_int8_path(k)), Reader(inputs),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                             weight_type=QuantType.QInt8,
