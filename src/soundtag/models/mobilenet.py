@@ -76,15 +76,14 @@ class MobileNetV2(TaggerNet):
             return self  # folded already
         conv, bn = expand[0], expand[1]
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        hidden = nn.Conv2d(conv.in_channels, ADAPTER + 1, 1, **like)
+        hidden = nn.Conv2d(conv.in_channels, ADAPTER + 1, 1).to(conv.weight)
         hidden.weight.zero_()
         hidden.weight[:ADAPTER] = conv.weight * scale.view(-1, 1, 1, 1)
         hidden.bias[:ADAPTER] = bn.bias - bn.running_mean * scale
         hidden.bias[ADAPTER] = 1.0  # the constant channel: the adapter's ReLU keeps it 1
         w = first[0].weight  # [out, 3, k, k]
-        merged = nn.Conv2d(ADAPTER + 1, w.shape[0], w.shape[2:], first[0].stride, first[0].padding, bias=False,
-                           **like)
+        merged = nn.Conv2d(ADAPTER + 1, w.shape[0], w.shape[2:], first[0].stride, first[0].padding,
+                           bias=False).to(w)
         merged.weight[:, :ADAPTER] = torch.einsum("ocij,cn->onij", w, project.weight[:, :, 0, 0])
         merged.weight[:, ADAPTER] = torch.einsum("ocij,c->oij", w, project.bias)
         self.features = nn.Sequential(hidden, expand[2], merged, *first[1:], *self.features[3:])
