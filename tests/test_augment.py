@@ -285,6 +285,29 @@ def test_gain_adds_constant_per_clip_within_range():
     assert offset[:, 0].unique().numel() == BATCH
 
 
+# ---------------------------------------------------------------- filter
+
+
+def test_filter_adds_a_piecewise_linear_gain_curve_over_mel_bins_within_range():
+    x, y = batch()
+    xo, yo = one("filter", max_db=6.0, min_bands=3, max_bands=3)(x, y, gen(5))
+    assert torch.equal(yo, y)
+    curve = (xo - x)[:, 0]  # [batch, mels, frames]
+    torch.testing.assert_close(curve, curve[..., :1].expand_as(curve), atol=1e-4, rtol=0)  # same every frame
+    curve = curve[..., 0].double()
+    assert (curve.abs() <= 6.0 + 1e-4).all() and curve.std(dim=1).min() > 0.1
+    bends = (curve.diff(dim=1).diff(dim=1).abs() > 1e-3).sum(dim=1)
+    assert (bends <= 2 * 2).all()  # three lines meet at two points, each bending at most two second differences
+    assert (curve.diff(dim=1).abs() > 1e-6).all()  # sloped everywhere, no steps between flat parts
+
+
+def test_filter_leaves_unchosen_clips_alone():
+    x, y = batch()
+    xo, _ = one("filter", p=0.5)(x, y, gen(3))
+    changed = (xo != x).flatten(1).any(dim=1)
+    assert 0 < changed.sum() < BATCH
+
+
 # ---------------------------------------------------------------- crop_or_pad
 
 
@@ -443,6 +466,8 @@ def test_random_resized_crop_stretches_a_rectangle_of_the_asked_area_and_aspect(
     ({"name": "additivemix", "db": False}, "waveform", True),
     ({"name": "sigmoidconcat"}, "waveform", True),
     ({"name": "mixup"}, "waveform", True),
+    ({"name": "filter"}, "mfcc", False),
+    ({"name": "filter"}, "logmel", True),
 ])
 def test_augmentations_meaningless_on_a_front_end_are_refused(spec, kind, fits):
     if fits:

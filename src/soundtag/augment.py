@@ -547,6 +547,41 @@ class Gain(Augmentation):
         return x + offset.to(x.dtype).view(n, 1, 1, 1), y
 
 
+@AUGMENTATIONS.register("filter")
+class Filter(Augmentation):
+    """A random equaliser (FilterAugment): each chosen clip gets a smooth gain
+    curve over its mel bins, linear between ``bands + 1`` points (the first and
+    last bins and ``bands - 1`` random bins between) whose gains are drawn in
+    ``[-max_db, max_db]`` dB, as a different microphone, room or instrument
+    body would colour the sound. ``bands`` is drawn per batch in
+    ``[min_bands, max_bands]``; ``p`` is the fraction of clips changed. Targets
+    are unchanged.
+    """
+
+    def __init__(self, p: float = 0.5, max_db: float = 6.0, min_bands: int = 2, max_bands: int = 5) -> None:
+        super().__init__(p)
+        if max_db < 0 or not 1 <= min_bands <= max_bands:
+            raise ValueError(f"need max_db >= 0 and 1 <= min_bands <= max_bands, got {max_db}, "
+                             f"{min_bands}, {max_bands}")
+        self.max_db, self.min_bands, self.max_bands = max_db, min_bands, max_bands
+
+    def fits(self, kind: str) -> bool:
+        return kind == "logmel"  # gains in dB over mel bins
+
+    def _apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        n, n_mels = x.shape[0], x.shape[2]
+        bands = int(_randint(gen, self.min_bands, self.max_bands, (1,), x.device))
+        inner = _uniform(gen, 0, n_mels - 1, (n, bands - 1), x.device).sort(dim=1).values
+        points = torch.cat([inner.new_zeros(n, 1), inner, inner.new_full((n, 1), n_mels - 1)], dim=1)
+        gains = _uniform(gen, -self.max_db, self.max_db, (n, bands + 1), x.device) * self._chosen(gen, x)[:, None]
+        bins = torch.arange(n_mels, device=x.device, dtype=points.dtype).expand(n, n_mels).contiguous()
+        right = torch.searchsorted(points, bins, right=True).clamp(1, bands)
+        x0, x1 = points.gather(1, right - 1), points.gather(1, right)
+        g0, g1 = gains.gather(1, right - 1), gains.gather(1, right)
+        curve = g0 + (g1 - g0) * ((bins - x0) / (x1 - x0).clamp_min(1e-9))
+        return x + curve.to(x.dtype).view(n, 1, n_mels, 1), y
+
+
 class Compose:
     """Apply batch transforms in order."""
 
