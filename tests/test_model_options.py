@@ -1,6 +1,6 @@
 """The options of the model families: activations, delta channels, XResNet's depths,
 self-attention and MaxBlurPool, the VGG variants, the auxiliary-head CNN and the
-loss of its extra heads, and which front end each model takes."""
+loss of its extra heads, which front end each model takes, and the dropout they share."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from soundtag.config import TrainConfig, resolve
 from soundtag.errors import ConfigError
 from soundtag.loop import batch_loss
 from soundtag.models import MODELS, check_features, create_model, is_classifier, model_names
-from soundtag.models.common import Deltas
+from soundtag.models.common import Deltas, Dropout
 from soundtag.models.xresnet import MaxBlurPool, ResBlock, SelfAttention
 from soundtag.task import Task
 
@@ -182,3 +182,29 @@ def test_each_model_takes_only_its_own_front_end():
         resolve("fast", overrides={"model": {"name": "wavecnn", "params": {}}})
     with pytest.raises(ConfigError, match="'wavecnn' takes the waveform .one feature row., not 64 rows"):
         create_model("wavecnn", 3, n_mels=64)
+
+
+@pytest.mark.parametrize("memory", [torch.contiguous_format, torch.channels_last])
+def test_dropout_drops_its_share_scales_the_rest_and_keeps_the_layout(memory):
+    x = (torch.rand(16, 8, 32, 40) + 1).contiguous(memory_format=memory).requires_grad_()
+    out = Dropout(0.25).train()(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - 0.25) < 0.0025  # five standard errors
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    assert out.is_contiguous(memory_format=memory)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept / 0.75)
+    masks = [(Dropout(0.25).train()(x) != 0).flatten() for _ in range(2)]
+    assert (masks[0] != masks[1]).float().mean() > 0.3  # a fresh mask every call, independent of the layout
+
+
+def test_dropout_follows_torch_seed_and_is_the_identity_when_evaluating():
+    x = torch.randn(4, 3, 8, 8)
+    drop = Dropout(0.5).train()
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    assert all(isinstance(m, Dropout) for m in create_model("cnn6", 5, **TINY).modules() if isinstance(m, nn.Dropout))

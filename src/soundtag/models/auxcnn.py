@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from . import MODELS
-from .common import (Act, GlobalPool, MelNorm, activation, conv_stack, deltas_layer, fc_neck, input_channels,
-                     pool2x2, stage_channels)
+from .common import (Act, Dropout, GlobalPool, MelNorm, activation, conv_stack, deltas_layer, fc_neck,
+                     input_channels, pool2x2, stage_channels)
 from ..errors import ConfigError
 
 SKIPS = 3
@@ -66,7 +66,7 @@ class AuxCNN(nn.Module):
         self.pool = GlobalPool()
         self.skips = nn.ModuleList(nn.Sequential(nn.Linear(ci, c), fn()) for ci in chans[:SKIPS])
         self.neck = fc_neck(c, c, dropout, fn)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(c, num_classes)
         self.aux_heads = nn.ModuleList(nn.Linear(c, num_classes) for _ in range(SKIPS))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,6 +73,24 @@ def pool2x2() -> nn.AvgPool2d:
     return nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose training mask on a CPU is drawn from numpy's PCG64 as
+    bytes (so `p` in steps of 1/256), seeded from torch's generator: torch's
+    CPU Bernoulli draws take about a tenth of a small network's training step,
+    this mask a third of their time. Elsewhere, and in place, it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropped = round(self.p * 256)
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        if not self.training or dropped in (0, 256) or x.device.type != "cpu" or self.inplace or not dense \
+                or x.numel() == 0:
+            return super().forward(x)
+        seed = int(torch.randint(2**62, (1,)))
+        draws = torch.frombuffer(bytearray(np.random.default_rng(seed).bytes(x.numel())), dtype=torch.uint8)
+        keep = draws.as_strided(x.shape, x.stride()) >= dropped  # the mask in x's memory layout
+        return torch.where(keep, x * (256 / (256 - dropped)), 0)
+
+
 def max_pool2x2() -> nn.MaxPool2d:
     """2×2 max pooling in ceil mode (an axis of size 1 stays 1)."""
     return nn.MaxPool2d(2, ceil_mode=True)
@@ -79,7 +98,7 @@ def max_pool2x2() -> nn.MaxPool2d:
 
 def fc_neck(c_in: int, c_out: int, dropout: float, act: Act = RELU) -> nn.Sequential:
     """Dropout → Linear → activation, producing the embedding."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, c_out), act())
+    return nn.Sequential(Dropout(dropout), nn.Linear(c_in, c_out), act())
 
 
 def input_channels(deltas: int) -> int:
@@ -164,7 +183,7 @@ class TaggerNet(nn.Module):
         self.features = features
         self.pool = pool
         self.neck = neck
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(embed_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import MODELS, create_model
+from .common import Dropout
 from ..errors import ConfigError
 from ..features import FeatureConfig
 from ..summary import N_MFCC, SummaryBranch
@@ -43,7 +44,7 @@ class Fused(nn.Module):
         embed = self.backbone.head.in_features
         self.backbone.head = nn.Identity()  # the backbone then returns (dropout(embedding), embedding, ...)
         dropout = getattr(self.backbone, "dropout", None)
-        self.dropout = nn.Dropout(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        self.dropout = Dropout(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
         self.summary = SummaryBranch(features, pca_variance, n_mfcc)
         self.head = nn.Linear(embed + self.summary.dims, num_classes)
 

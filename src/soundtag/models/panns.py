@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import MODELS
-from .common import (GlobalPool, TaggerNet, activation, conv_stack, fc_neck, input_channels, pool2x2,
+from .common import (Dropout, GlobalPool, TaggerNet, activation, conv_stack, fc_neck, input_channels, pool2x2,
                      stage_channels)
 
 BLOCK_DROPOUT = 0.2
@@ -22,7 +22,7 @@ class PannsCnn(TaggerNet):
         fn = activation(act)
         blocks = [
             nn.Sequential(
-                conv_stack(c_in, c_out, kernel, convs, fn), pool2x2(), nn.Dropout(BLOCK_DROPOUT)
+                conv_stack(c_in, c_out, kernel, convs, fn), pool2x2(), Dropout(BLOCK_DROPOUT)
             )
             for c_in, c_out in zip([input_channels(deltas), *chans], chans)
         ]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import MODELS
-from .common import Act, activation, scaled
+from .common import Act, Dropout, activation, scaled
 from ..errors import ConfigError
 
 STAGES = (64, 128, 256, 512)
@@ -55,8 +55,8 @@ class WaveCNN(nn.Module):
         c = chans[-1]
         self.bn0 = nn.BatchNorm1d(1)
         self.features = nn.Sequential(*layers)
-        self.neck = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * c, c), fn())
-        self.dropout = nn.Dropout(dropout)
+        self.neck = nn.Sequential(Dropout(dropout), nn.Linear(2 * c, c), fn())
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(c, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, 1, 1, samples]
