@@ -184,18 +184,38 @@ def test_each_model_takes_only_its_own_front_end():
         create_model("wavecnn", 3, n_mels=64)
 
 
+def dropout_input(memory: torch.memory_format = torch.contiguous_format, dense: bool = True) -> torch.Tensor:
+    """Activations in [1, 2): a dropped one is the only zero; every other channel when not dense."""
+    torch.manual_seed(0)
+    x = (torch.rand(16, 16 if dense else 32, 64, 40) + 1).contiguous(memory_format=memory)
+    return (x if dense else x[:, ::2]).requires_grad_()
+
+
+@pytest.mark.parametrize("p", [0.25, 0.2])
 @pytest.mark.parametrize("memory", [torch.contiguous_format, torch.channels_last])
-def test_dropout_drops_its_share_scales_the_rest_and_keeps_the_layout(memory):
-    x = (torch.rand(16, 8, 32, 40) + 1).contiguous(memory_format=memory).requires_grad_()
-    out = Dropout(0.25).train()(x)
+def test_dropout_drops_its_share_scales_the_rest_and_keeps_the_layout(memory, p):
+    x = dropout_input(memory)
+    out = Dropout(p).train()(x)
     kept = out != 0
-    assert abs(1 - kept.float().mean().item() - 0.25) < 0.0025  # five standard errors
-    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    share = round(p * 256) / 256  # the rate in steps of 1/256 (0.2 → 51/256)
+    assert abs(1 - kept.float().mean().item() - share) < 5 * (share * (1 - share) / x.numel()) ** 0.5
+    torch.testing.assert_close(out[kept], x[kept] / (1 - share))
     assert out.is_contiguous(memory_format=memory)
     out.sum().backward()
-    torch.testing.assert_close(x.grad, kept / 0.75)
-    masks = [(Dropout(0.25).train()(x) != 0).flatten() for _ in range(2)]
-    assert (masks[0] != masks[1]).float().mean() > 0.3  # a fresh mask every call, independent of the layout
+    torch.testing.assert_close(x.grad, kept / (1 - share))
+    again = Dropout(p).train()(x) != 0
+    assert (again != kept).float().mean() > 0.2  # a fresh mask every call
+
+
+def test_dropout_falls_back_to_torch_on_inputs_not_dense_and_in_place():
+    x = dropout_input(dense=False)
+    out = Dropout(0.25).train()(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - 0.25) < 0.01
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    y = x.detach().clone()
+    Dropout(0.25, inplace=True).train()(y)
+    assert 0.2 < (y == 0).float().mean() < 0.3
 
 
 def test_dropout_follows_torch_seed_and_is_the_identity_when_evaluating():
@@ -207,4 +227,9 @@ def test_dropout_follows_torch_seed_and_is_the_identity_when_evaluating():
     assert torch.equal(drop(x), a)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
-    assert all(isinstance(m, Dropout) for m in create_model("cnn6", 5, **TINY).modules() if isinstance(m, nn.Dropout))
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_every_network_uses_the_cpu_fast_dropout(name):
+    dropouts = [m for m in create_model(name, 5, **TINY).modules() if isinstance(m, nn.Dropout)]
+    assert all(isinstance(m, Dropout) for m in dropouts)

@@ -549,9 +549,9 @@ class Gain(Augmentation):
 
 @AUGMENTATIONS.register("filter")
 class Filter(Augmentation):
-    """A random equaliser (FilterAugment): each chosen clip gets a smooth gain
-    curve over its mel bins, linear between ``bands + 1`` points (the first and
-    last bins and ``bands - 1`` random bins between) whose gains are drawn in
+    """A random equaliser (FilterAugment): each chosen clip gets a gain curve
+    over its mel bins, linear between ``bands + 1`` points (the first and last
+    bins and ``bands - 1`` random positions between) whose gains are drawn in
     ``[-max_db, max_db]`` dB, as a different microphone, room or instrument
     body would colour the sound. ``bands`` is drawn per batch in
     ``[min_bands, max_bands]``; ``p`` is the fraction of clips changed. Targets
