@@ -77,8 +77,8 @@ class Dropout(nn.Dropout):
     """nn.Dropout whose training mask on a CPU is drawn as bytes from numpy's
     PCG64, seeded from torch's generator, so its rate goes in steps of 1/256:
     torch's CPU Bernoulli draws took about a tenth of a small network's
-    training step, and these masks take a third of their time on its large
-    activations. On other devices, in place, on a rate within 1/512 of 0 or 1,
+    training step, and these masks take about a quarter of their time on its
+    large activations. On other devices, in place, on a rate within 1/512 of 0 or 1,
     and on inputs that are not dense, it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
