@@ -6,7 +6,9 @@ the `predict` / `tag` commands."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ import yaml
 from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, train_tiny, write_wav
 
 
-from soundtag import predict
+from soundtag import predict, scorer
 from soundtag import config
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
@@ -310,6 +312,102 @@ def test_tagging_in_chunks_on_two_threads_equals_scoring_all_at_once(run_a, held
     good = [f for i, f in enumerate(files) if i != 4]
     expected = Tagger.load([run_a], threads=1).score_clips([{cfg: spec_of(f, cfg)} for f in good])
     np.testing.assert_allclose(np.delete(scores, 4, axis=0), expected, atol=1e-6)
+
+
+def _recording_pids(monkeypatch, folder: Path) -> Path:
+    """Make every clip's features note the id of the process that computes them
+    (forked workers inherit the patched function) in a file of `folder`."""
+    log = folder / "pids"
+    compute = predict.clip_features
+
+    def noted(path, configs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return compute(path, configs)
+    monkeypatch.setattr(predict, "clip_features", noted)
+    return log
+
+
+def _pids(log: Path) -> set[int]:
+    return {int(line) for line in log.read_text().split()} if log.exists() else set()
+
+
+def test_a_large_job_is_shared_among_worker_processes_each_share_scored_as_a_whole(
+        run_a, held_files, cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "PROCESS_FILES", 2)  # shares of two files: several, one with the unreadable file
+    log = _recording_pids(monkeypatch, tmp_path)
+    files = [*held_files[:4], bad_files(tmp_path)["text"], *held_files[4:9]]
+    with Tagger.load([run_a], threads=1, processes=2) as tagger:
+        scores, embeddings, errors = tagger.score_files(files, progress=False)
+    workers = _pids(log)
+    assert workers and os.getpid() not in workers and len(workers) <= 2
+    assert list(errors) == [4] and "not readable as audio" in errors[4]
+    assert np.isnan(scores[4]).all() and np.isnan(embeddings[4]).all()
+    here = Tagger.load([run_a], threads=1)
+    for start in range(0, len(files), 2):  # each share scored on its own (clips of a length share a batch)
+        rows = [i for i in (start, start + 1) if i != 4]
+        expected, expected_embeddings = here.score([{cfg: spec_of(files[i], cfg)} for i in rows])
+        np.testing.assert_allclose(scores[rows], expected, atol=1e-6)
+        np.testing.assert_allclose(embeddings[rows], expected_embeddings, atol=1e-5)
+
+
+def test_a_small_job_or_one_process_is_tagged_in_this_process(run_a, held_files, tmp_path, monkeypatch):
+    log = _recording_pids(monkeypatch, tmp_path)
+    small = held_files[: 2 * predict.PROCESS_FILES - 1]  # short of 32 files for each of two processes
+    with Tagger.load([run_a], threads=2) as tagger:
+        tagger.tag_files(small, progress=False)
+        assert tagger._pool is None
+    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    with Tagger.load([run_a], threads=2, processes=1) as tagger:
+        tagger.tag_files(held_files[:4], progress=False)
+        assert tagger._pool is None
+    assert _pids(log) == {os.getpid()}
+
+
+def test_worker_processes_are_kept_for_the_next_job_and_stop_on_close(run_a, held_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    log = _recording_pids(monkeypatch, tmp_path)
+    tagger = Tagger.load([run_a], threads=1, processes=2)
+    tagger.tag_files(held_files[:6], progress=False)
+    first = _pids(log)
+    pool = tagger._pool
+    tagger.tag_files(held_files[6:12], progress=False)
+    assert tagger._pool is pool and _pids(log) == first  # the same processes, no new ones
+    processes = list(pool._processes.values())
+    tagger.close()
+    assert tagger._pool is None and not any(p.is_alive() for p in processes)
+
+
+def test_a_worker_process_that_dies_fails_the_job_with_one_clear_error_and_the_next_job_runs(
+        run_a, held_files, monkeypatch):
+    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    with Tagger.load([run_a], threads=1, processes=2) as tagger:
+        expected, _ = tagger.tag_files(held_files[:6], progress=False)
+        victim = next(iter(tagger._pool._processes.values()))
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+        with pytest.raises(SoundtagError, match="a tagging process died .* tagging 6 files"):
+            tagger.tag_files(held_files[:6], progress=False)
+        assert tagger._pool is None
+        again, _ = tagger.tag_files(held_files[:6], progress=False)  # on fresh processes
+    np.testing.assert_allclose(again, expected, atol=1e-6)
+
+
+def test_a_worker_process_scores_every_run_of_an_ensemble_on_one_thread(run_a, run_b):
+    ensemble = scorer.load([run_a, run_b], threads=2)
+    assert [m.threads for m in ensemble.members] == [2, 2]
+    scorer.set_threads(ensemble, 1)  # what a worker process does with the tagger it inherits
+    assert [m.threads for m in ensemble.members] == [1, 1]
+
+
+def test_predict_takes_the_number_of_processes(run_a):
+    from soundtag import cli
+    args = cli.build_parser().parse_args(["predict", str(run_a), "A", "--out", "o", "--processes", "1"])
+    with cli.load_tagger(args) as tagger:
+        assert tagger.processes == 1
+    args = cli.build_parser().parse_args(["predict", str(run_a), "A", "--out", "o", "--threads", "3"])
+    with cli.load_tagger(args) as tagger:
+        assert tagger.processes == 3
 
 
 def test_ordered_map_keeps_the_order_and_bounds_the_work_in_flight():

@@ -290,7 +290,8 @@ def load_tagger(args: argparse.Namespace):
     tta = views_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # also caps torch outside the tagger (timeline features)
-    return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads)
+    return Tagger.load([args.run, *args.runs], args.weights, args.backend, tta, args.mean, args.threads,
+                       getattr(args, "processes", 0))
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
@@ -360,7 +361,10 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="csv", help="kaggle2018, kaggle2019, csv, json or tags (thresholded)")
     p.add_argument("--top-k", type=TOP_K, default=3, help="tags per file (csv, json)")
     p.add_argument("--workers", type=WORKERS, default=None,
-                   help="threads computing features ahead of the networks (default: --threads)")
+                   help="threads computing features ahead of the networks, in one process (default: --threads)")
+    p.add_argument("--processes", type=THREADS, default=0,
+                   help="worker processes sharing a folder of at least 32 files a process, each on one thread "
+                        "(default: --threads; 1: tag in one process)")
     add_tagger_options(p)
 
 
@@ -371,8 +375,8 @@ def predict(args: argparse.Namespace) -> int:
     if args.format not in outputs.FORMATS:
         raise ConfigError(f"unknown output format {args.format!r}; valid: {', '.join(outputs.FORMATS)}")
     files, names = audio_inputs(args.audio)
-    tagger = load_tagger(args)
-    scores, errors = tagger.tag_files(files, args.workers)
+    with load_tagger(args) as tagger:
+        scores, errors = tagger.tag_files(files, args.workers)
     thresholds = tagger.thresholds() if args.format == "tags" else None
     path = outputs.write(args.out, args.format, names, scores, tagger.classes, errors, args.top_k, thresholds)
     print(f"{len(files)} files tagged, {len(errors)} unreadable; written: {path}")

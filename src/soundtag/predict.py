@@ -4,30 +4,45 @@ Python face of `soundtag predict` and `soundtag tag`.
 `Tagger.tag(path)` decodes a file once and returns its scores, embedding,
 duration and, for long recordings, a timeline. `Tagger.tag_files` tags many
 files: threads decode files and compute their features up to `CHUNK` clips
-ahead of the networks, which score the clips already computed.
+ahead of the networks, which score the clips already computed. A large job is
+shared among worker processes forked from this one (each inherits the loaded
+networks and tags its shares on one thread): they run side by side, where
+threads of one process wait on each other for its interpreter.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+import torch
+
 from . import audio, features
 from .datasets import Dataset
+from .errors import SoundtagError
 from .features import FeatureConfig
-from .scorer import Clip, Scorer, combine, load, ordered_map
+from .scorer import Clip, Scorer, combine, load, ordered_map, set_threads
 from .store import clip_features, extract, one_torch_thread
 from .timeline import Timeline, timeline_of
 from .tta import TTA
 
 CHUNK = 128  # clips scored together while tagging files
+PROCESS_FILES = 32  # files a job needs for each worker process it is shared among; the smallest share
+SHARES = 8  # shares of a job for each worker process: small enough to even out, large enough to batch well
 
 __all__ = ["CHUNK", "TTA", "TagResult", "Tagger", "combine", "ordered_map"]
+
+_inherited: Tagger | None = None  # in a worker process: the tagger it was forked from
 
 
 @dataclass
@@ -47,18 +62,65 @@ class TagResult:
         return [(self.classes[j], float(self.scores[j])) for j in np.argsort(-self.scores)[:k]]
 
 
-class Tagger:
-    """Tags audio with a scorer; `threads` batches (and files' features) are computed at once."""
+class _Rows:
+    """A job's scores and embeddings (NaN rows until scored) and its unreadable files."""
 
-    def __init__(self, scorer: Scorer, threads: int = 0):
+    def __init__(self, files: int, classes: int):
+        self.scores = np.full((files, classes), np.nan, np.float32)
+        self.embeddings: np.ndarray | None = None
+        self.errors: dict[int, str] = {}
+
+    def put(self, rows: list[int] | slice, scores: np.ndarray, embeddings: np.ndarray) -> None:
+        self.scores[rows] = scores
+        if embeddings.shape[1]:  # a share of unreadable files has none
+            if self.embeddings is None:
+                self.embeddings = np.full((len(self.scores), embeddings.shape[1]), np.nan, np.float32)
+            self.embeddings[rows] = embeddings
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        embeddings = self.embeddings if self.embeddings is not None else np.zeros((len(self.scores), 0), np.float32)
+        return self.scores, embeddings, self.errors
+
+
+class Tagger:
+    """Tags audio with a scorer; `threads` batches (and files' features) are
+    computed at once, and `tag_files` shares a job among up to `processes`
+    worker processes (default: as many as threads; 1: none)."""
+
+    def __init__(self, scorer: Scorer, threads: int = 0, processes: int = 0):
         self.scorer, self.threads = scorer, threads or len(os.sched_getaffinity(0))
+        self.processes = processes or self.threads
         self.classes, self.multilabel = scorer.classes, scorer.multilabel
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def __enter__(self) -> Tagger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started (they also stop when this process ends)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+
+    def _workers(self) -> ProcessPoolExecutor:
+        """The worker processes, forked at their first job and kept for the next:
+        a process tags its first share more slowly (its memory is still the
+        parent's, copied page by page as it writes)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.processes, multiprocessing.get_context("fork"), _adopt, (self,))
+            return self._pool
 
     @classmethod
     def load(cls, runs: Sequence[str | Path], weights: Sequence[float] | None = None, backend: str = "torch",
-             tta: TTA | None = None, mean: str = "arithmetic", threads: int = 0) -> Tagger:
+             tta: TTA | None = None, mean: str = "arithmetic", threads: int = 0, processes: int = 0) -> Tagger:
         """Run or stack folders, ensembled when there are several (optionally weighted)."""
-        return cls(load(runs, weights, backend, tta, mean, threads), threads)
+        return cls(load(runs, weights, backend, tta, mean, threads), threads, processes)
 
     @property
     def feature_configs(self) -> list[FeatureConfig]:
@@ -109,38 +171,70 @@ class Tagger:
     def score_files(self, files: Sequence[str | Path], workers: int | None = None,
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Scores [files, classes] and embeddings (NaN rows for unreadable
-        files) and {position: reason}."""
+        files) and {position: reason}. A job of at least PROCESS_FILES files a
+        process is shared among worker processes; a smaller one is tagged here,
+        `workers` threads computing features ahead of the networks."""
         files = [str(f) for f in files]
+        processes = min(self.processes, len(files) // PROCESS_FILES)
+        with tqdm(total=len(files), unit="file", desc="tagging", disable=not progress, dynamic_ncols=True) as bar:
+            if processes > 1:
+                return self._score_in_processes(files, processes, bar)
+            return self._score_here(files, workers or self.threads, bar)
+
+    def _score_here(self, files: list[str], workers: int,
+                    bar: tqdm | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """`score_files` in this process: `workers` threads compute features ahead
+        of the networks (0: this thread, in turn with them)."""
         configs = self.feature_configs
-        scores = np.full((len(files), len(self.classes)), np.nan, np.float32)
-        embeddings: np.ndarray | None = None
-        errors: dict[int, str] = {}
+        rows = _Rows(len(files), len(self.classes))
         pending: list[tuple[int, Clip]] = []
-        bar = tqdm(total=len(files), unit="file", desc="tagging", disable=not progress, dynamic_ncols=True)
 
         def score_pending() -> None:
-            nonlocal embeddings
             if pending:
-                rows = [i for i, _ in pending]
-                s, e = self.score([clip for _, clip in pending])
-                if embeddings is None:
-                    embeddings = np.full((len(files), e.shape[1]), np.nan, np.float32)
-                scores[rows], embeddings[rows] = s, e
-                bar.update(len(pending))
+                rows.put([i for i, _ in pending], *self.score([clip for _, clip in pending]))
+                if bar is not None:
+                    bar.update(len(pending))
                 pending.clear()
 
-        with bar, one_torch_thread():
-            computed = ordered_map(lambda f: clip_features(f, configs), files, workers or self.threads, CHUNK)
+        with one_torch_thread():
+            computed = ordered_map(lambda f: clip_features(f, configs), files, workers, CHUNK if workers else 0)
             for i, (specs, error) in enumerate(computed):
                 if specs is None:
-                    errors[i] = error
-                    bar.update()
+                    rows.errors[i] = error
+                    if bar is not None:
+                        bar.update()
                     continue
                 pending.append((i, dict(zip(configs, specs))))
                 if len(pending) == CHUNK:
                     score_pending()
             score_pending()
-        return scores, embeddings if embeddings is not None else np.zeros((len(files), 0), np.float32), errors
+        return rows.result()
+
+    def _score_in_processes(self, files: list[str], processes: int,
+                            bar: tqdm) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """`score_files` with the files cut into shares, tagged by worker processes
+        forked from this one (so they start at once, the networks already loaded);
+        a share not started yet is dropped when the job fails or is interrupted."""
+        size = min(CHUNK, max(PROCESS_FILES, -(-len(files) // (SHARES * processes))))
+        rows = _Rows(len(files), len(self.classes))
+        pool, shares = self._workers(), {}
+        try:
+            for start in range(0, len(files), size):
+                shares[pool.submit(_score_share, files[start:start + size])] = start
+            for done in as_completed(shares):
+                start = shares[done]
+                scores, embeddings, errors = done.result()
+                rows.put(slice(start, start + len(scores)), scores, embeddings)
+                rows.errors.update({start + i: reason for i, reason in errors.items()})
+                bar.update(len(scores))
+        except BrokenProcessPool:
+            self.close()
+            raise SoundtagError(f"a tagging process died (killed, or out of memory) while tagging {len(files)} "
+                                "files; with one process (`--processes 1`) it may run in less memory") from None
+        finally:
+            for share in shares:
+                share.cancel()
+        return rows.result()
 
     def tag_files(self, files: Sequence[str | Path], workers: int | None = None,
                   progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
@@ -158,3 +252,17 @@ class Tagger:
         if ok:
             scores[ok] = self.score_clips([{c: s[i] for c, s in stores.items()} for i in ok], progress)
         return scores, errors
+
+
+def _adopt(tagger: Tagger) -> None:
+    """A worker process's start: the tagger it inherited, scoring on one thread;
+    Ctrl-C is left to the parent, which stops handing out shares."""
+    global _inherited
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    set_threads(tagger.scorer, 1)
+    _inherited = tagger
+
+
+def _score_share(files: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    return _inherited._score_here(files, 0)  # type: ignore[union-attr]  # set by _adopt
