@@ -40,11 +40,11 @@ def indexing(run: Path, corpus: Path, work: Path) -> dict:
     folder.symlink_to(corpus / "audio_train")
     for f in files:  # warm the page cache
         f.read_bytes()
-    tagger = Tagger.load([run], backend="onnx")
-    tagger.tag_files(files[:20], progress=False)
-    start = time.perf_counter()
-    tagger.tag_files(files, progress=False)
-    predict = time.perf_counter() - start
+    with Tagger.load([run], backend="onnx") as tagger:
+        tagger.tag_files(files[:128], progress=False)  # warm-up; starts the worker processes
+        start = time.perf_counter()
+        tagger.tag_files(files, progress=False)
+        predict = time.perf_counter() - start
     db = work / "corpus.sqlite"
     report = Library.index(db, [run], folder, progress=False)
     again = Library.index(db, [run], folder, progress=False)

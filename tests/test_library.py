@@ -123,7 +123,8 @@ def test_a_second_run_skips_unchanged_rescores_changed_and_prunes_removed(run, t
     assert after["d000013.ogg"]["indexed_at"] == before["d000013.ogg"]["indexed_at"]  # not re-scored
 
 
-def test_indexing_resumes_after_kill_9_keeping_every_finished_file(run, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_indexing_resumes_after_kill_9_keeping_every_finished_file(run, tmp_path, processes):
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(300):
@@ -131,20 +132,77 @@ def test_indexing_resumes_after_kill_9_keeping_every_finished_file(run, tmp_path
     db = tmp_path / "lib.sqlite"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([sys.executable, "-m", "soundtag.cli", "-q", "index", str(run), str(folder), "--db",
-                            str(db), "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            str(db), "--threads", "1", "--processes", str(processes)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300  # a loaded machine may take long to start Python and torch
         while _count(db) < 20 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
+        workers = _children(job.pid)
         job.send_signal(signal.SIGKILL)
     finally:
         job.wait()
     kept = _count(db)
     assert 20 <= kept < 300, f"the indexer finished or never started ({kept} rows): {job.stderr.read()[-500:]}"
+    assert len(workers) == (processes if processes > 1 else 0)
+    _wait_gone(workers)  # worker processes end with the indexer
     report = Library.index(db, [run], folder, progress=False)
     assert report.added == 300 - kept and report.unchanged == kept
     found = rows(db)
     assert len(found) == 300 and all(r["error"] is None and r["embedding"] for r in found.values())
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _wait_gone(pids: list[int], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        time.sleep(0.05)
+    assert not alive, f"worker processes {alive} outlived their parent"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_a_large_index_is_shared_among_worker_processes_row_for_row_as_in_one(run, tmp_path, monkeypatch):
+    folder = demo_folder(tmp_path / "sounds")
+    broken = broken_entries(folder)
+    Library.index(tmp_path / "one.sqlite", [run], folder, progress=False, processes=1)
+    log = tmp_path / "pids"
+    content_hash = engine.content_hash
+
+    def noted(path: str) -> str:  # forked workers inherit the patched function
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return content_hash(path)
+    monkeypatch.setattr(engine, "content_hash", noted)
+    monkeypatch.setattr(engine, "PROCESS_FILES", 1)  # shares of one file
+    report = Library.index(tmp_path / "two.sqlite", [run], folder, progress=False, threads=1, processes=2)
+    assert (report.added, len(report.failed)) == (len(CLIPS), len(broken))
+    readers = {int(line) for line in log.read_text().split()}
+    assert readers and os.getpid() not in readers
+    one, two = rows(tmp_path / "one.sqlite"), rows(tmp_path / "two.sqlite")
+    assert set(one) == set(two)
+    for name in one:
+        for column in ("error", "hash", "duration", "size", "scores", "embedding"):
+            assert one[name][column] == two[name][column], (name, column)
 
 
 def _count(db: Path) -> int:

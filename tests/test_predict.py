@@ -373,7 +373,7 @@ def test_worker_processes_are_kept_for_the_next_job_and_stop_on_close(run_a, hel
     pool = tagger._pool
     tagger.tag_files(held_files[6:12], progress=False)
     assert tagger._pool is pool and _pids(log) == first  # the same processes, no new ones
-    processes = list(pool._processes.values())
+    processes = list(pool._pool._processes.values())
     tagger.close()
     assert tagger._pool is None and not any(p.is_alive() for p in processes)
 
@@ -383,10 +383,10 @@ def test_a_worker_process_that_dies_fails_the_job_with_one_clear_error_and_the_n
     monkeypatch.setattr(predict, "PROCESS_FILES", 1)
     with Tagger.load([run_a], threads=1, processes=2) as tagger:
         expected, _ = tagger.tag_files(held_files[:6], progress=False)
-        victim = next(iter(tagger._pool._processes.values()))
+        victim = next(iter(tagger._pool._pool._processes.values()))
         os.kill(victim.pid, signal.SIGKILL)
         victim.join()
-        with pytest.raises(SoundtagError, match="a tagging process died .* tagging 6 files"):
+        with pytest.raises(SoundtagError, match="a worker process died .* while tagging 6 files"):
             tagger.tag_files(held_files[:6], progress=False)
         assert tagger._pool is None
         again, _ = tagger.tag_files(held_files[:6], progress=False)  # on fresh processes

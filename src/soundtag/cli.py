@@ -491,6 +491,8 @@ def _index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=Path, nargs="+", default=[], help="more runs to ensemble with RUN")
     p.add_argument("--backend", default="auto", help="auto (onnx when exported, else torch), torch, onnx, onnx-int8")
     p.add_argument("--threads", type=THREADS, default=0, help="files decoded and batches scored at once")
+    p.add_argument("--processes", type=THREADS, default=0,
+                   help="worker processes sharing at least 32 files each to read (default: --threads; 1: one process)")
     p.add_argument("--engine", default="local", choices=["local", "ray"], help="this machine, or a Ray cluster")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
 
@@ -500,7 +502,7 @@ def index(args: argparse.Namespace) -> int:
     """Tag every audio file under FOLDER into a library: new and changed files scored, removed ones pruned."""
     from .library import Library
     report = Library.index(args.db, [args.run, *args.runs], args.folder, args.backend, args.threads,
-                           args.engine, args.address)
+                           args.engine, args.address, processes=args.processes)
     print(f"{args.db}: {report.summary()}")
     print_failures(report.failed)
     return 0

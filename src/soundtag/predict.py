@@ -7,42 +7,34 @@ files: threads decode files and compute their features up to `CHUNK` clips
 ahead of the networks, which score the clips already computed. A large job is
 shared among worker processes forked from this one (each inherits the loaded
 networks and tags its shares on one thread): they run side by side, where
-threads of one process wait on each other for its interpreter.
+threads of one process share its Python interpreter and slow each other down.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-import torch
-
 from . import audio, features
 from .datasets import Dataset
-from .errors import SoundtagError
 from .features import FeatureConfig
 from .scorer import Clip, Scorer, combine, load, ordered_map, set_threads
 from .store import clip_features, extract, one_torch_thread
 from .timeline import Timeline, timeline_of
 from .tta import TTA
+from .workers import WorkerDied, Workers
 
 CHUNK = 128  # clips scored together while tagging files
 PROCESS_FILES = 32  # files a job needs for each worker process it is shared among; the smallest share
 SHARES = 8  # shares of a job for each worker process: small enough to even out, large enough to batch well
 
 __all__ = ["CHUNK", "TTA", "TagResult", "Tagger", "combine", "ordered_map"]
-
-_inherited: Tagger | None = None  # in a worker process: the tagger it was forked from
 
 
 @dataclass
@@ -91,7 +83,7 @@ class Tagger:
         self.scorer, self.threads = scorer, threads or len(os.sched_getaffinity(0))
         self.processes = processes or self.threads
         self.classes, self.multilabel = scorer.classes, scorer.multilabel
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Workers | None = None
         self._pool_lock = threading.Lock()
 
     def __enter__(self) -> Tagger:
@@ -104,16 +96,16 @@ class Tagger:
         """Stop the worker processes, if any were started (they also stop when this process ends)."""
         with self._pool_lock:
             if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
+                self._pool.close()
                 self._pool = None
 
-    def _workers(self) -> ProcessPoolExecutor:
-        """The worker processes, forked at their first job and kept for the next:
-        a process tags its first share more slowly (its memory is still the
+    def _workers(self) -> Workers:
+        """The worker processes, forked at the first large job and kept for the
+        next: a process tags its first share more slowly (its memory is still the
         parent's, copied page by page as it writes)."""
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.processes, multiprocessing.get_context("fork"), _adopt, (self,))
+                self._pool = Workers(self, self.processes, lambda: set_threads(self.scorer, 1))
             return self._pool
 
     @classmethod
@@ -181,7 +173,7 @@ class Tagger:
                 return self._score_in_processes(files, processes, bar)
             return self._score_here(files, workers or self.threads, bar)
 
-    def _score_here(self, files: list[str], workers: int,
+    def _score_here(self, files: list[str], workers: int = 0,
                     bar: tqdm | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """`score_files` in this process: `workers` threads compute features ahead
         of the networks (0: this thread, in turn with them)."""
@@ -216,24 +208,19 @@ class Tagger:
         forked from this one (so they start at once, the networks already loaded);
         a share not started yet is dropped when the job fails or is interrupted."""
         size = min(CHUNK, max(PROCESS_FILES, -(-len(files) // (SHARES * processes))))
+        starts = range(0, len(files), size)
+        shares = [files[start:start + size] for start in starts]
         rows = _Rows(len(files), len(self.classes))
-        pool, shares = self._workers(), {}
         try:
-            for start in range(0, len(files), size):
-                shares[pool.submit(_score_share, files[start:start + size])] = start
-            for done in as_completed(shares):
-                start = shares[done]
-                scores, embeddings, errors = done.result()
+            for i, (scores, embeddings, errors) in self._workers().run("_score_here", shares):
+                start = starts[i]
                 rows.put(slice(start, start + len(scores)), scores, embeddings)
-                rows.errors.update({start + i: reason for i, reason in errors.items()})
+                rows.errors.update({start + j: reason for j, reason in errors.items()})
                 bar.update(len(scores))
-        except BrokenProcessPool:
+        except WorkerDied as e:
             self.close()
-            raise SoundtagError(f"a tagging process died (killed, or out of memory) while tagging {len(files)} "
-                                "files; with one process (`--processes 1`) it may run in less memory") from None
-        finally:
-            for share in shares:
-                share.cancel()
+            raise WorkerDied(f"{e} while tagging {len(files)} files; with one process (`--processes 1`) it may "
+                             "run in less memory") from None
         return rows.result()
 
     def tag_files(self, files: Sequence[str | Path], workers: int | None = None,
@@ -253,16 +240,3 @@ class Tagger:
             scores[ok] = self.score_clips([{c: s[i] for c, s in stores.items()} for i in ok], progress)
         return scores, errors
 
-
-def _adopt(tagger: Tagger) -> None:
-    """A worker process's start: the tagger it inherited, scoring on one thread;
-    Ctrl-C is left to the parent, which stops handing out shares."""
-    global _inherited
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    set_threads(tagger.scorer, 1)
-    _inherited = tagger
-
-
-def _score_share(files: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    return _inherited._score_here(files, 0)  # type: ignore[union-attr]  # set by _adopt

@@ -4,9 +4,10 @@ The plan (`plan`) compares the folder with the library: a file whose size,
 mtime and ctime are those recorded (by the same model) is skipped without
 being opened; the rest are read and hashed and, unless their content hash is
 the one recorded, decoded and scored; records of files no longer there are
-pruned. Threads decode files ahead of the networks; the rows of each chunk of
-`CHUNK` files are committed together, each with its tags, so an interrupted run
-keeps every chunk it finished.
+pruned. Worker processes forked from this one tag shares of a large run (threads
+decode files ahead of the networks in a small one); the rows of each share or
+chunk of up to `CHUNK` files are committed together, each with its tags, so an
+interrupted run keeps every one it finished.
 
 A file is scored at its own length (`Tagger.score_each`), so its row never
 depends on which other files were indexed with it.
@@ -27,10 +28,11 @@ from tqdm import tqdm
 
 from .. import audio
 from ..errors import SoundtagError
-from ..predict import CHUNK, Tagger
+from ..predict import CHUNK, PROCESS_FILES, SHARES, Tagger
 from ..run import Run
-from ..scorer import ENSEMBLE, Clip, is_ensemble, ordered_map, read_ensemble
+from ..scorer import ENSEMBLE, Clip, is_ensemble, ordered_map, read_ensemble, set_threads
 from ..stack import is_stack
+from ..workers import Workers
 from .db import Database, Known, LibraryError, Model, Row
 from .walk import Listed, walk
 
@@ -188,28 +190,59 @@ class Indexer:
                 report.updated += 1
         self.db.write(rows, restats, self.model.classes)
 
+    def score(self, prepared: Sequence[tuple[Row, Clip | None]]) -> None:
+        """Fill in the scores and embeddings of the rows that have a clip."""
+        scored = [i for i, (_, clip) in enumerate(prepared) if clip is not None]
+        if scored:
+            scores, embeddings = self.tagger.score_each([prepared[i][1] for i in scored])
+            for i, s, e in zip(scored, scores, embeddings):
+                prepared[i][0].scores, prepared[i][0].embedding = s, e
+
+    def tag(self, jobs: Sequence[Job]) -> list[Row]:
+        """Rows of files read, decoded and scored in turn on this thread (a worker process's share)."""
+        prepared = [self.prepare(job) for job in jobs]
+        self.score(prepared)
+        return [row for row, _ in prepared]
+
     def run(self, jobs: list[Job], threads: int, progress: bool, report: Report) -> None:
-        """Prepare files on `threads` threads and score them CHUNK at a time; the rows
-        of each chunk (and of the files that cannot be tagged before it) are written together."""
-        pending: list[tuple[Row, Job, Clip | None]] = []
-        bar = tqdm(total=len(jobs), unit="file", desc="indexing", disable=not progress, dynamic_ncols=True)
+        """Tag the files, CHUNK at a time, and write the rows of each chunk (and of
+        the files that cannot be tagged before it) together. A run of at least
+        PROCESS_FILES files a process is shared among the tagger's worker processes;
+        a smaller one prepares files on `threads` threads here."""
+        processes = min(self.tagger.processes, len(jobs) // PROCESS_FILES)
+        with tqdm(total=len(jobs), unit="file", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
+            if processes > 1:
+                self._run_in_processes(jobs, processes, bar, report)
+            else:
+                self._run_here(jobs, threads, bar, report)
+
+    def _run_here(self, jobs: list[Job], threads: int, bar: tqdm, report: Report) -> None:
+        pending: list[tuple[Row, Clip | None]] = []
+        done: list[Job] = []
 
         def flush() -> None:
-            scored = [i for i, (_, _, clip) in enumerate(pending) if clip is not None]
-            if scored:
-                scores, embeddings = self.tagger.score_each([pending[i][2] for i in scored])
-                for i, s, e in zip(scored, scores, embeddings):
-                    pending[i][0].scores, pending[i][0].embedding = s, e
-            self.write([(row, job) for row, job, _ in pending], report)
+            self.score(pending)
+            self.write([(row, job) for (row, _), job in zip(pending, done)], report)
             bar.update(len(pending))
             pending.clear()
+            done.clear()
 
-        with bar:
-            for job, (row, clip) in zip(jobs, ordered_map(self.prepare, jobs, threads, CHUNK)):
-                pending.append((row, job, clip))
-                if len(pending) == CHUNK:
-                    flush()
-            flush()
+        for job, prepared in zip(jobs, ordered_map(self.prepare, jobs, threads, CHUNK)):
+            pending.append(prepared)
+            done.append(job)
+            if len(pending) == CHUNK:
+                flush()
+        flush()
+
+    def _run_in_processes(self, jobs: list[Job], processes: int, bar: tqdm, report: Report) -> None:
+        """Shares of the jobs tagged by worker processes forked from this one (which
+        never touch the database); each share's rows are written as it comes back."""
+        size = min(CHUNK, max(PROCESS_FILES, -(-len(jobs) // (SHARES * processes))))
+        shares = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+        with Workers(self, processes, lambda: set_threads(self.tagger.scorer, 1)) as workers:
+            for i, rows in workers.run("tag", shares):
+                self.write(list(zip(rows, shares[i])), report)
+                bar.update(len(rows))
 
 
 RESTAT = "\0restat"  # a marker in Row.error, never stored: same content, new times

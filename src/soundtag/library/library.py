@@ -48,13 +48,14 @@ class Library:
     @classmethod
     def index(cls, path: str | Path, runs: Sequence[str | Path], folder: str | Path, backend: str = "auto",
               threads: int = 0, engine: str = "local", address: str | None = None,
-              progress: bool = True) -> Report:
+              progress: bool = True, processes: int = 0) -> Report:
         """Tag every audio file under `folder` into the library at `path` (created if
-        need be) with the runs' ensemble; unchanged files are skipped."""
+        need be) with the runs' ensemble; unchanged files are skipped. A large run
+        is shared among `processes` worker processes (default: `threads`, all cores)."""
         if engine not in ENGINES:
             raise LibraryError(f"unknown indexing engine {engine!r}; valid: {', '.join(ENGINES)}")
         backend = backend_for(runs, backend)
-        tagger = Tagger.load(list(runs), backend=backend, threads=threads)
+        tagger = Tagger.load(list(runs), backend=backend, threads=threads, processes=processes)
         with cls(path, create=True) as library:
             model = describe(tagger, runs, backend)
             scoring = None
