@@ -23,7 +23,7 @@ import yaml
 from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, train_tiny, write_wav
 
 
-from soundtag import predict, scorer
+from soundtag import predict, scorer, workers
 from soundtag import config
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
@@ -293,7 +293,7 @@ def test_tag_files_equals_scoring_the_computed_features(tagger_a, held_files, cf
     files = held_files[:4]
     scores, errors = tagger_a.tag_files(files, workers=1, progress=False)
     assert errors == {}
-    expected = tagger_a.score_clips([{cfg: spec_of(f, cfg)} for f in files])
+    expected, _ = tagger_a.score_each([{cfg: spec_of(f, cfg)} for f in files])  # each at its own length
     np.testing.assert_allclose(scores, expected, atol=1e-6)
 
 
@@ -310,45 +310,64 @@ def test_tagging_in_chunks_on_two_threads_equals_scoring_all_at_once(run_a, held
         torch.set_num_threads(1)
     assert list(errors) == [4] and np.isnan(scores[4]).all()
     good = [f for i, f in enumerate(files) if i != 4]
-    expected = Tagger.load([run_a], threads=1).score_clips([{cfg: spec_of(f, cfg)} for f in good])
+    expected, _ = Tagger.load([run_a], threads=1).score_each([{cfg: spec_of(f, cfg)} for f in good])
     np.testing.assert_allclose(np.delete(scores, 4, axis=0), expected, atol=1e-6)
 
 
-def _recording_pids(monkeypatch, folder: Path) -> Path:
-    """Make every clip's features note the id of the process that computes them
-    (forked workers inherit the patched function) in a file of `folder`."""
+def _recording_pids(monkeypatch, folder: Path, pause: float = 0.0) -> Path:
+    """Make every clip's features note the process that computes them, its torch
+    threads and its scorer's (forked workers inherit the patched function), in
+    a file of `folder`; `pause`: seconds each clip then takes."""
     log = folder / "pids"
     compute = predict.clip_features
 
     def noted(path, configs):
+        owner = workers._owner
+        threads = owner.scorer.threads if owner is not None else 0
         with open(log, "a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {torch.get_num_threads()} {threads}\n")
+        time.sleep(pause)
         return compute(path, configs)
     monkeypatch.setattr(predict, "clip_features", noted)
     return log
 
 
 def _pids(log: Path) -> set[int]:
-    return {int(line) for line in log.read_text().split()} if log.exists() else set()
+    return {int(line.split()[0]) for line in log.read_text().splitlines()} if log.exists() else set()
 
 
-def test_a_large_job_is_shared_among_worker_processes_each_share_scored_as_a_whole(
-        run_a, held_files, cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(predict, "PROCESS_FILES", 2)  # shares of two files: several, one with the unreadable file
+def test_a_large_job_is_shared_among_worker_processes_and_scored_as_in_one(run_a, held_files, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(predict, "PROCESS_FILES", 2)  # shares of two files
+    bad = bad_files(tmp_path)
+    # an unreadable file second in its share, and a share of unreadable files only
+    files = [*held_files[:5], bad["text"], bad["empty"], bad["missing"], *held_files[5:14]]
+    expected, expected_embeddings, expected_errors = Tagger.load([run_a], threads=2, processes=1).score_files(
+        files, progress=False)
     log = _recording_pids(monkeypatch, tmp_path)
-    files = [*held_files[:4], bad_files(tmp_path)["text"], *held_files[4:9]]
-    with Tagger.load([run_a], threads=1, processes=2) as tagger:
-        scores, embeddings, errors = tagger.score_files(files, progress=False)
-    workers = _pids(log)
-    assert workers and os.getpid() not in workers and len(workers) <= 2
-    assert list(errors) == [4] and "not readable as audio" in errors[4]
-    assert np.isnan(scores[4]).all() and np.isnan(embeddings[4]).all()
-    here = Tagger.load([run_a], threads=1)
-    for start in range(0, len(files), 2):  # each share scored on its own (clips of a length share a batch)
-        rows = [i for i in (start, start + 1) if i != 4]
-        expected, expected_embeddings = here.score([{cfg: spec_of(files[i], cfg)} for i in rows])
-        np.testing.assert_allclose(scores[rows], expected, atol=1e-6)
-        np.testing.assert_allclose(embeddings[rows], expected_embeddings, atol=1e-5)
+    torch.set_num_threads(2)  # what the workers inherit
+    try:
+        with Tagger.load([run_a], threads=2, processes=2) as tagger:
+            scores, embeddings, errors = tagger.score_files(files, progress=False)
+    finally:
+        torch.set_num_threads(1)
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert {int(pid) for pid, _, _ in lines} - {os.getpid()} and all(int(pid) != os.getpid() for pid, _, _ in lines)
+    assert all((torch_threads, scorer_threads) == ("1", "1") for _, torch_threads, scorer_threads in lines)
+    assert list(errors) == [5, 6, 7] and errors == expected_errors
+    assert np.isnan(scores[5:8]).all() and np.isnan(embeddings[5:8]).all()
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    np.testing.assert_allclose(embeddings, expected_embeddings, atol=1e-5)
+
+
+def test_tagging_does_not_depend_on_how_the_job_is_shared_out(run_a, held_files):
+    """Each file is scored at its own length: one process (chunks of 128) and two (shares of 32) agree."""
+    assert len(held_files) >= 2 * predict.PROCESS_FILES
+    one, _ = Tagger.load([run_a], threads=2, processes=1).tag_files(held_files, progress=False)
+    with Tagger.load([run_a], threads=2, processes=2) as tagger:
+        two, _ = tagger.tag_files(held_files, progress=False)
+        assert tagger._pool is not None
+    np.testing.assert_allclose(two, one, atol=1e-6)
 
 
 def test_a_small_job_or_one_process_is_tagged_in_this_process(run_a, held_files, tmp_path, monkeypatch):
@@ -360,6 +379,9 @@ def test_a_small_job_or_one_process_is_tagged_in_this_process(run_a, held_files,
     monkeypatch.setattr(predict, "PROCESS_FILES", 1)
     with Tagger.load([run_a], threads=2, processes=1) as tagger:
         tagger.tag_files(held_files[:4], progress=False)
+        assert tagger._pool is None
+    with Tagger.load([run_a], threads=2) as tagger:
+        tagger.tag_files(held_files[:4], workers=1, progress=False)  # feature threads asked for: here
         assert tagger._pool is None
     assert _pids(log) == {os.getpid()}
 
@@ -393,11 +415,38 @@ def test_a_worker_process_that_dies_fails_the_job_with_one_clear_error_and_the_n
     np.testing.assert_allclose(again, expected, atol=1e-6)
 
 
-def test_a_worker_process_scores_every_run_of_an_ensemble_on_one_thread(run_a, run_b):
-    ensemble = scorer.load([run_a, run_b], threads=2)
-    assert [m.threads for m in ensemble.members] == [2, 2]
-    scorer.set_threads(ensemble, 1)  # what a worker process does with the tagger it inherits
-    assert [m.threads for m in ensemble.members] == [1, 1]
+def test_closing_a_tagger_during_a_job_on_another_thread_fails_that_job_instead_of_hanging(run_a, held_files,
+                                                                                         tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    _recording_pids(monkeypatch, tmp_path, pause=0.1)  # 24 files of 0.1 s each on two workers
+    tagger = Tagger.load([run_a], threads=1, processes=2)
+    outcome: list[BaseException | None] = []
+
+    def job() -> None:
+        try:
+            tagger.tag_files(held_files[:24], progress=False)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+    thread = threading.Thread(target=job)
+    thread.start()
+    time.sleep(0.5)
+    tagger.close()
+    thread.join(60)
+    assert not thread.is_alive(), "the job hung after close()"
+    assert isinstance(outcome[0], SoundtagError) and "stopped during the job" in str(outcome[0])
+
+
+def test_a_dropped_tagger_stops_its_workers(run_a, held_files, monkeypatch):
+    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    tagger = Tagger.load([run_a], threads=1, processes=2)
+    tagger.tag_files(held_files[:4], progress=False)
+    processes = list(tagger._pool._pool._processes.values())
+    del tagger  # no close(): nothing else refers to the tagger, so its workers go with it
+    deadline = time.monotonic() + 30
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.is_alive() for p in processes)
 
 
 def test_predict_takes_the_number_of_processes(run_a):

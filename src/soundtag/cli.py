@@ -361,7 +361,8 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="csv", help="kaggle2018, kaggle2019, csv, json or tags (thresholded)")
     p.add_argument("--top-k", type=TOP_K, default=3, help="tags per file (csv, json)")
     p.add_argument("--workers", type=WORKERS, default=None,
-                   help="threads computing features ahead of the networks, in one process (default: --threads)")
+                   help="threads computing features ahead of the networks; given, the files are tagged in "
+                        "this one process (default: --threads, in worker processes for a large folder)")
     p.add_argument("--processes", type=THREADS, default=0,
                    help="worker processes sharing a folder of at least 32 files a process, each on one thread "
                         "(default: --threads; 1: tag in one process)")

@@ -3,11 +3,12 @@ Python face of `soundtag predict` and `soundtag tag`.
 
 `Tagger.tag(path)` decodes a file once and returns its scores, embedding,
 duration and, for long recordings, a timeline. `Tagger.tag_files` tags many
-files: threads decode files and compute their features up to `CHUNK` clips
-ahead of the networks, which score the clips already computed. A large job is
-shared among worker processes forked from this one (each inherits the loaded
-networks and tags its shares on one thread): they run side by side, where
-threads of one process share its Python interpreter and slow each other down.
+files, each at its own length: threads decode files and compute their features
+up to `CHUNK` clips ahead of the networks, which score the clips already
+computed. A large job is shared among worker processes forked from this one
+(`soundtag.workers`; each inherits the loaded networks and tags its shares on
+one thread): they run side by side, where threads of one process share its
+Python interpreter and slow each other down.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class _Rows:
 
     def result(self) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         embeddings = self.embeddings if self.embeddings is not None else np.zeros((len(self.scores), 0), np.float32)
-        return self.scores, embeddings, self.errors
+        return self.scores, embeddings, dict(sorted(self.errors.items()))  # in file order, however scored
 
 
 class Tagger:
@@ -95,18 +96,29 @@ class Tagger:
     def close(self) -> None:
         """Stop the worker processes, if any were started (they also stop when this process ends)."""
         with self._pool_lock:
-            if self._pool is not None:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _workers(self, processes: int) -> Workers:
+        """At least `processes` worker processes, forked at the first large job and
+        kept for the next: a process tags its first share more slowly (its memory
+        is still the parent's, copied page by page as it writes)."""
+        with self._pool_lock:
+            if self._pool is not None and self._pool.processes < processes:
                 self._pool.close()
                 self._pool = None
-
-    def _workers(self) -> Workers:
-        """The worker processes, forked at the first large job and kept for the
-        next: a process tags its first share more slowly (its memory is still the
-        parent's, copied page by page as it writes)."""
-        with self._pool_lock:
             if self._pool is None:
-                self._pool = Workers(self, self.processes, lambda: set_threads(self.scorer, 1))
+                scorer = self.scorer
+                self._pool = Workers(self, processes, lambda: set_threads(scorer, 1))
             return self._pool
+
+    def _drop(self, pool: Workers) -> None:
+        """Kill workers that failed a job, or were interrupted, and forget them."""
+        with self._pool_lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.kill()
 
     @classmethod
     def load(cls, runs: Sequence[str | Path], weights: Sequence[float] | None = None, backend: str = "torch",
@@ -163,11 +175,14 @@ class Tagger:
     def score_files(self, files: Sequence[str | Path], workers: int | None = None,
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Scores [files, classes] and embeddings (NaN rows for unreadable
-        files) and {position: reason}. A job of at least PROCESS_FILES files a
-        process is shared among worker processes; a smaller one is tagged here,
-        `workers` threads computing features ahead of the networks."""
+        files) and {position: reason}. Each file is scored at its own length
+        (only clips of equal length share a batch), so its scores do not depend
+        on the others, nor on how the job is shared out. A job of at least
+        PROCESS_FILES files a process is shared among worker processes; a
+        smaller one, or one given `workers` (threads computing features ahead of
+        the networks), is tagged in this process."""
         files = [str(f) for f in files]
-        processes = min(self.processes, len(files) // PROCESS_FILES)
+        processes = 1 if workers else min(self.processes, len(files) // PROCESS_FILES)
         with tqdm(total=len(files), unit="file", desc="tagging", disable=not progress, dynamic_ncols=True) as bar:
             if processes > 1:
                 return self._score_in_processes(files, processes, bar)
@@ -183,7 +198,7 @@ class Tagger:
 
         def score_pending() -> None:
             if pending:
-                rows.put([i for i, _ in pending], *self.score([clip for _, clip in pending]))
+                rows.put([i for i, _ in pending], *self.score_each([clip for _, clip in pending]))
                 if bar is not None:
                     bar.update(len(pending))
                 pending.clear()
@@ -211,16 +226,20 @@ class Tagger:
         starts = range(0, len(files), size)
         shares = [files[start:start + size] for start in starts]
         rows = _Rows(len(files), len(self.classes))
+        pool = self._workers(processes)
         try:
-            for i, (scores, embeddings, errors) in self._workers().run("_score_here", shares):
+            for i, (scores, embeddings, errors) in pool.run("_score_here", shares):
                 start = starts[i]
                 rows.put(slice(start, start + len(scores)), scores, embeddings)
                 rows.errors.update({start + j: reason for j, reason in errors.items()})
                 bar.update(len(scores))
         except WorkerDied as e:
-            self.close()
+            self._drop(pool)
             raise WorkerDied(f"{e} while tagging {len(files)} files; with one process (`--processes 1`) it may "
                              "run in less memory") from None
+        except BaseException:
+            self._drop(pool)
+            raise
         return rows.result()
 
     def tag_files(self, files: Sequence[str | Path], workers: int | None = None,

@@ -4,8 +4,8 @@ Each worker inherits an owner object as it was at the fork (a tagger with its
 networks loaded, an indexer), so nothing is pickled or loaded again and it
 starts at once; it runs the owner's methods on shares of a job, on one thread.
 Threads of one process share its Python interpreter and slow each other down;
-processes run side by side. A worker stops when the process that forked it
-ends, even by `kill -9`.
+processes run side by side. A worker ends with the process that forked it,
+even after `kill -9`; Ctrl-C is the parent's, which then kills its workers.
 """
 
 from __future__ import annotations
@@ -14,16 +14,23 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
+from tqdm import tqdm
+from tqdm.std import TqdmDefaultWriteLock
 
 from .errors import SoundtagError
+from .store import one_torch_thread
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
+POLL = 0.5  # seconds between checks that a job's workers were not stopped under it
 
+_forking: tuple[object, Callable[[], None] | None] | None = None  # the owner while workers are forked
+_fork_lock = threading.Lock()
 _owner: object | None = None  # in a worker process: the object it inherited
 
 
@@ -32,12 +39,20 @@ class WorkerDied(SoundtagError):
 
 
 class Workers:
-    """`processes` worker processes holding `owner`; `start` runs in each as it begins."""
+    """`processes` worker processes holding `owner`; `start` runs in each as it
+    begins. Nothing here refers to `owner`, so dropping it drops the workers."""
 
     def __init__(self, owner: object, processes: int, start: Callable[[], None] | None = None):
+        global _forking
         self.processes = processes
-        self._pool = ProcessPoolExecutor(processes, multiprocessing.get_context("fork"), _adopt,
-                                         (owner, start, os.getpid()))
+        with _fork_lock:
+            _forking = owner, start
+            try:
+                self._pool = ProcessPoolExecutor(processes, multiprocessing.get_context("fork"), _adopt,
+                                                 (os.getpid(),))
+                self._pool.submit(int).result()  # the first job forks every worker, now, while _forking is set
+            finally:
+                _forking = None
 
     def __enter__(self) -> Workers:
         return self
@@ -46,35 +61,56 @@ class Workers:
         self.close()
 
     def close(self) -> None:
+        """Let the shares started finish, drop the others, and stop the workers."""
         self._pool.shutdown(cancel_futures=True)
+
+    def kill(self) -> None:
+        """Stop the workers at once, whatever they are doing (they only read)."""
+        for process in list(self._pool._processes.values()):  # the executor offers no other way
+            process.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def run(self, method: str, shares: Sequence[object]) -> Iterator[tuple[int, object]]:
         """(position, owner.method(share)) for each share, as the workers finish
-        them; a share not started yet is dropped when the caller stops or fails."""
+        them; a share not started yet is dropped when the caller stops or fails,
+        and Ctrl-C kills the workers."""
         futures: dict[Future, int] = {}
         try:
             for i, share in enumerate(shares):
                 futures[self._pool.submit(_call, method, share)] = i
-            for done in as_completed(futures):
-                yield futures[done], done.result()
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, POLL, FIRST_COMPLETED)
+                if any(f.cancelled() for f in pending):
+                    raise SoundtagError("the worker processes were stopped during the job")
+                for future in done:
+                    yield futures[future], future.result()
         except BrokenProcessPool:
             raise WorkerDied("a worker process died (killed, or out of memory)") from None
+        except KeyboardInterrupt:
+            self.kill()
+            raise
         finally:
             for future in futures:
                 future.cancel()
 
 
-def _adopt(owner: object, start: Callable[[], None] | None, parent: int) -> None:
-    """A worker's start: it ends with its parent, leaves Ctrl-C to it, and runs torch on one thread."""
+def _adopt(parent: int) -> None:
+    """A worker's start: it ends with its parent, leaves Ctrl-C to it, runs
+    torch on one thread, and makes new the locks another thread of the parent
+    may have held at the fork."""
     global _owner
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent ended before the line above took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    one_torch_thread.lock, one_torch_thread.users = threading.Lock(), 0
+    tqdm.set_lock(TqdmDefaultWriteLock())
     torch.set_num_threads(1)
+    assert _forking is not None, "workers are forked by Workers()"
+    _owner, start = _forking
     if start is not None:
         start()
-    _owner = owner
 
 
 def _call(method: str, share: object) -> object:
