@@ -23,7 +23,7 @@ import yaml
 from helpers import bad_files, copy_run, decode, held_out, shared_run, spec_of, train_tiny, write_wav
 
 
-from soundtag import predict, scorer, workers
+from soundtag import predict, workers
 from soundtag import config
 from soundtag.cli import main
 from soundtag.errors import ConfigError, SoundtagError
