@@ -58,3 +58,9 @@ def test_a_worker_leaves_ctrl_c_to_its_parent_and_runs_torch_on_one_thread():
 def test_a_worker_that_dies_fails_the_job_with_one_error():
     with Workers(Owner(), 2) as workers, pytest.raises(WorkerDied, match="a worker process died"):
         list(workers.run("die", [None, None, None]))
+
+
+def test_killing_workers_already_closed_does_nothing():
+    workers = Workers(Owner(), 1)
+    workers.close()
+    workers.kill()  # a job failing after another thread closed its workers kills them again

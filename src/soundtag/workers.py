@@ -66,7 +66,7 @@ class Workers:
 
     def kill(self) -> None:
         """Stop the workers at once, whatever they are doing (they only read)."""
-        for process in list(self._pool._processes.values()):  # the executor offers no other way
+        for process in list((self._pool._processes or {}).values()):  # no other way in; None once shut down
             process.kill()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
