@@ -21,6 +21,7 @@ from helpers import DEMO
 from library_setup import CLIPS, TEST_CLIP, demo_folder, exported_run
 
 from soundtag.cli import main
+from soundtag import workers
 from soundtag.library import Library, LibraryError, engine
 from soundtag.library.db import Database
 from soundtag.library.engine import CHANGED
@@ -193,7 +194,7 @@ def test_a_large_index_is_shared_among_worker_processes_row_for_row_as_in_one(ru
             f.write(f"{os.getpid()}\n")
         return content_hash(path)
     monkeypatch.setattr(engine, "content_hash", noted)
-    monkeypatch.setattr(engine, "PROCESS_FILES", 1)  # shares of one file
+    monkeypatch.setattr(workers, "PROCESS_FILES", 1)  # shares of one file
     report = Library.index(tmp_path / "two.sqlite", [run], folder, progress=False, threads=1, processes=2)
     assert (report.added, len(report.failed)) == (len(CLIPS), len(broken))
     readers = {int(line) for line in log.read_text().split()}

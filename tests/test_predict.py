@@ -338,7 +338,7 @@ def _pids(log: Path) -> set[int]:
 
 def test_a_large_job_is_shared_among_worker_processes_and_scored_as_in_one(run_a, held_files, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(predict, "PROCESS_FILES", 2)  # shares of two files
+    monkeypatch.setattr(workers, "PROCESS_FILES", 2)  # shares of two files
     bad = bad_files(tmp_path)
     # an unreadable file second in its share, and a share of unreadable files only
     files = [*held_files[:5], bad["text"], bad["empty"], bad["missing"], *held_files[5:14]]
@@ -362,7 +362,7 @@ def test_a_large_job_is_shared_among_worker_processes_and_scored_as_in_one(run_a
 
 def test_tagging_does_not_depend_on_how_the_job_is_shared_out(run_a, held_files):
     """Each file is scored at its own length: one process (chunks of 128) and two (shares of 32) agree."""
-    assert len(held_files) >= 2 * predict.PROCESS_FILES
+    assert len(held_files) >= 2 * workers.PROCESS_FILES
     one, _ = Tagger.load([run_a], threads=2, processes=1).tag_files(held_files, progress=False)
     with Tagger.load([run_a], threads=2, processes=2) as tagger:
         two, _ = tagger.tag_files(held_files, progress=False)
@@ -372,11 +372,11 @@ def test_tagging_does_not_depend_on_how_the_job_is_shared_out(run_a, held_files)
 
 def test_a_small_job_or_one_process_is_tagged_in_this_process(run_a, held_files, tmp_path, monkeypatch):
     log = _recording_pids(monkeypatch, tmp_path)
-    small = held_files[: 2 * predict.PROCESS_FILES - 1]  # short of 32 files for each of two processes
+    small = held_files[: 2 * workers.PROCESS_FILES - 1]  # short of 32 files for each of two processes
     with Tagger.load([run_a], threads=2) as tagger:
         tagger.tag_files(small, progress=False)
         assert tagger._pool is None
-    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    monkeypatch.setattr(workers, "PROCESS_FILES", 1)
     with Tagger.load([run_a], threads=2, processes=1) as tagger:
         tagger.tag_files(held_files[:4], progress=False)
         assert tagger._pool is None
@@ -387,7 +387,7 @@ def test_a_small_job_or_one_process_is_tagged_in_this_process(run_a, held_files,
 
 
 def test_worker_processes_are_kept_for_the_next_job_and_stop_on_close(run_a, held_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    monkeypatch.setattr(workers, "PROCESS_FILES", 1)
     log = _recording_pids(monkeypatch, tmp_path)
     tagger = Tagger.load([run_a], threads=1, processes=2)
     tagger.tag_files(held_files[:6], progress=False)
@@ -402,7 +402,7 @@ def test_worker_processes_are_kept_for_the_next_job_and_stop_on_close(run_a, hel
 
 def test_a_worker_process_that_dies_fails_the_job_with_one_clear_error_and_the_next_job_runs(
         run_a, held_files, monkeypatch):
-    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    monkeypatch.setattr(workers, "PROCESS_FILES", 1)
     with Tagger.load([run_a], threads=1, processes=2) as tagger:
         expected, _ = tagger.tag_files(held_files[:6], progress=False)
         victim = next(iter(tagger._pool._pool._processes.values()))
@@ -417,7 +417,7 @@ def test_a_worker_process_that_dies_fails_the_job_with_one_clear_error_and_the_n
 
 def test_closing_a_tagger_during_a_job_on_another_thread_fails_that_job_instead_of_hanging(run_a, held_files,
                                                                                          tmp_path, monkeypatch):
-    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    monkeypatch.setattr(workers, "PROCESS_FILES", 1)
     _recording_pids(monkeypatch, tmp_path, pause=0.1)  # 24 files of 0.1 s each on two workers
     tagger = Tagger.load([run_a], threads=1, processes=2)
     outcome: list[BaseException | None] = []
@@ -438,7 +438,7 @@ def test_closing_a_tagger_during_a_job_on_another_thread_fails_that_job_instead_
 
 
 def test_a_dropped_tagger_stops_its_workers(run_a, held_files, monkeypatch):
-    monkeypatch.setattr(predict, "PROCESS_FILES", 1)
+    monkeypatch.setattr(workers, "PROCESS_FILES", 1)
     tagger = Tagger.load([run_a], threads=1, processes=2)
     tagger.tag_files(held_files[:4], progress=False)
     processes = list(tagger._pool._pool._processes.values())

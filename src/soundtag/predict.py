@@ -29,11 +29,9 @@ from .scorer import Clip, Scorer, combine, load, ordered_map, set_threads
 from .store import clip_features, extract, one_torch_thread
 from .timeline import Timeline, timeline_of
 from .tta import TTA
-from .workers import WorkerDied, Workers
+from .workers import WorkerDied, Workers, processes_for, shares
 
 CHUNK = 128  # clips scored together while tagging files
-PROCESS_FILES = 32  # files a job needs for each worker process it is shared among; the smallest share
-SHARES = 8  # shares of a job for each worker process: small enough to even out, large enough to batch well
 
 __all__ = ["CHUNK", "TTA", "TagResult", "Tagger", "combine", "ordered_map"]
 
@@ -178,11 +176,11 @@ class Tagger:
         files) and {position: reason}. Each file is scored at its own length
         (only clips of equal length share a batch), so its scores do not depend
         on the others, nor on how the job is shared out. A job of at least
-        PROCESS_FILES files a process is shared among worker processes; a
+        `workers.PROCESS_FILES` files a process is shared among worker processes; a
         smaller one, or one given `workers` (threads computing features ahead of
         the networks), is tagged in this process."""
         files = [str(f) for f in files]
-        processes = 1 if workers else min(self.processes, len(files) // PROCESS_FILES)
+        processes = 1 if workers else processes_for(len(files), self.processes)
         with tqdm(total=len(files), unit="file", desc="tagging", disable=not progress, dynamic_ncols=True) as bar:
             if processes > 1:
                 return self._score_in_processes(files, processes, bar)
@@ -222,14 +220,12 @@ class Tagger:
         """`score_files` with the files cut into shares, tagged by worker processes
         forked from this one (so they start at once, the networks already loaded);
         a share not started yet is dropped when the job fails or is interrupted."""
-        size = min(CHUNK, max(PROCESS_FILES, -(-len(files) // (SHARES * processes))))
-        starts = range(0, len(files), size)
-        shares = [files[start:start + size] for start in starts]
+        parts = shares(files, processes, CHUNK)
         rows = _Rows(len(files), len(self.classes))
         pool = self._workers(processes)
         try:
-            for i, (scores, embeddings, errors) in pool.run("_score_here", shares):
-                start = starts[i]
+            for i, (scores, embeddings, errors) in pool.run("_score_here", [part for _, part in parts]):
+                start = parts[i][0]
                 rows.put(slice(start, start + len(scores)), scores, embeddings)
                 rows.errors.update({start + j: reason for j, reason in errors.items()})
                 bar.update(len(scores))
@@ -258,4 +254,3 @@ class Tagger:
         if ok:
             scores[ok] = self.score_clips([{c: s[i] for c, s in stores.items()} for i in ok], progress)
         return scores, errors
-

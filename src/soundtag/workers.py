@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -27,11 +28,26 @@ from .errors import SoundtagError
 from .store import one_torch_thread
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
+PROCESS_FILES = 32  # files a job needs for each worker process it is shared among; the smallest share
+SHARES = 8  # shares of a job for each worker process: small enough to even out, large enough to batch well
 POLL = 0.5  # seconds between checks that a job's workers were not stopped under it
 
 _forking: tuple[object, Callable[[], None] | None] | None = None  # the owner while workers are forked
 _fork_lock = threading.Lock()
 _owner: object | None = None  # in a worker process: the object it inherited
+T = TypeVar("T")
+
+
+def processes_for(files: int, most: int) -> int:
+    """How many of `most` worker processes a job of `files` files is worth (1 or fewer: none)."""
+    return min(most, files // PROCESS_FILES)
+
+
+def shares(items: Sequence[T], processes: int, largest: int) -> list[tuple[int, Sequence[T]]]:
+    """A job cut into (start, items) shares for `processes` workers: up to
+    SHARES each, of PROCESS_FILES to `largest` items."""
+    size = min(largest, max(PROCESS_FILES, -(-len(items) // (SHARES * processes))))
+    return [(start, items[start:start + size]) for start in range(0, len(items), size)]
 
 
 class WorkerDied(SoundtagError):

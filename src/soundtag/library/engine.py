@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from .. import audio
 from ..errors import SoundtagError
-from ..predict import CHUNK, PROCESS_FILES, SHARES, Tagger
+from ..predict import CHUNK, Tagger
 from ..run import Run
 from ..scorer import ENSEMBLE, Clip, is_ensemble, ordered_map, read_ensemble, set_threads
 from ..stack import is_stack
-from ..workers import Workers
+from ..workers import Workers, processes_for, shares
 from .db import Database, Known, LibraryError, Model, Row
 from .walk import Listed, walk
 
@@ -207,9 +207,9 @@ class Indexer:
     def run(self, jobs: list[Job], threads: int, progress: bool, report: Report) -> None:
         """Tag the files, CHUNK at a time, and write the rows of each chunk (and of
         the files that cannot be tagged before it) together. A run of at least
-        PROCESS_FILES files a process is shared among the tagger's worker processes;
+        `workers.PROCESS_FILES` files a process is shared among the tagger's worker processes;
         a smaller one prepares files on `threads` threads here."""
-        processes = min(self.tagger.processes, len(jobs) // PROCESS_FILES)
+        processes = processes_for(len(jobs), self.tagger.processes)
         with tqdm(total=len(jobs), unit="file", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
             if processes > 1:
                 self._run_in_processes(jobs, processes, bar, report)
@@ -217,19 +217,16 @@ class Indexer:
                 self._run_here(jobs, threads, bar, report)
 
     def _run_here(self, jobs: list[Job], threads: int, bar: tqdm, report: Report) -> None:
-        pending: list[tuple[Row, Clip | None]] = []
-        done: list[Job] = []
+        pending: list[tuple[Row, Job, Clip | None]] = []
 
         def flush() -> None:
-            self.score(pending)
-            self.write([(row, job) for (row, _), job in zip(pending, done)], report)
+            self.score([(row, clip) for row, _, clip in pending])
+            self.write([(row, job) for row, job, _ in pending], report)
             bar.update(len(pending))
             pending.clear()
-            done.clear()
 
-        for job, prepared in zip(jobs, ordered_map(self.prepare, jobs, threads, CHUNK)):
-            pending.append(prepared)
-            done.append(job)
+        for job, (row, clip) in zip(jobs, ordered_map(self.prepare, jobs, threads, CHUNK)):
+            pending.append((row, job, clip))
             if len(pending) == CHUNK:
                 flush()
         flush()
@@ -237,11 +234,10 @@ class Indexer:
     def _run_in_processes(self, jobs: list[Job], processes: int, bar: tqdm, report: Report) -> None:
         """Shares of the jobs tagged by worker processes forked from this one (which
         never touch the database); each share's rows are written as it comes back."""
-        size = min(CHUNK, max(PROCESS_FILES, -(-len(jobs) // (SHARES * processes))))
-        shares = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+        parts = [part for _, part in shares(jobs, processes, CHUNK)]
         with Workers(self, processes, lambda: set_threads(self.tagger.scorer, 1)) as workers:
-            for i, rows in workers.run("tag", shares):
-                self.write(list(zip(rows, shares[i])), report)
+            for i, rows in workers.run("tag", parts):
+                self.write(list(zip(rows, parts[i])), report)
                 bar.update(len(rows))
 
 
