@@ -2,7 +2,7 @@
 on the same splits, in one run, each scored once on a test split that chose
 nothing (no epoch, threshold or clip selection looked at it).
 
-    python bench/quality.py [--corpus DIR] [--sets full small multi] [--entries NAME ...]
+    python bench/quality.py [--corpus DIR] [--sets full small multi sources] [--entries NAME ...]
                             [--work DIR] [--out FILE]
 
 Sets, all from the dev corpus:
@@ -10,6 +10,10 @@ Sets, all from the dev corpus:
   small  the same, its training split cut to 24 clips a class (seed 0), a small-data
          regime like a user's own collection (MAP@3)
   multi  the multi-label set: curated (+ noisy) training clips → test split (lwlrap)
+  sources  (only when named) the single-label training split alone, in four folds that
+         keep each source (soundfont key region, sample file, recording) in one, as the
+         test split does (bench/groups.py): the out-of-fold MAP@3 of `quality` and of the
+         settings it was chosen over, a figure for choosing that never sees the test split
 
 Figures go to a JSON file (written after every entry) and a Markdown table; an
 entry already in that file is not measured again, so a rerun trains only what is
@@ -23,6 +27,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +83,16 @@ MULTI = {"baseline (curated)": train_entry("baseline", noisy="exclude"),
          "curated only": train_entry("fast", noisy="exclude"), "naive curated + noisy": train_entry("fast"),
          "noisy-aware loss and batches": train_entry("fast", **NOISY_AWARE),
          "warm-up pipeline": recipe_entry("pipeline"), "quality": train_entry("quality")}
-SETS = {"full": SINGLE, "small": SINGLE, "multi": MULTI}
+FILTER = {"augment": [{"name": "mixup", "p": 0.5, "alpha": 0.4},
+                      {"name": "specaugment", "p": 0.5, "time_masks": 2, "time_width": 0.1, "freq_masks": 2,
+                       "freq_width": 6},
+                      {"name": "filter", "p": 0.5, "max_db": 6.0}]}
+OWN_FOLDS = {"folds": "own", "train_folds": None}
+SOURCES = {"quality": train_entry("quality", **OWN_FOLDS),
+           "quality, ±2-semitone copies only": train_entry("quality", copies=[{"pitch": -2}, {"pitch": 2}],
+                                                            **OWN_FOLDS),
+           "quality + filter augmentation": train_entry("quality", **FILTER, **OWN_FOLDS)}
+SETS = {"full": SINGLE, "small": SINGLE, "multi": MULTI, "sources": SOURCES}
 
 
 def small_data(data, per_class: int, seed: int = 0):
@@ -94,6 +108,10 @@ def dataset(name: str, corpus: Path):
     if name == "multi":
         return datasets.read(corpus / "multilabel")
     data = datasets.read(corpus)
+    if name == "sources":
+        from groups import source_folds
+        train = data.subset("train")
+        return replace(train, fold=source_folds(corpus, train.names, train.targets.argmax(1)))
     return small_data(data, SMALL_PER_CLASS) if name == "small" else data
 
 
@@ -104,9 +122,14 @@ def score_entry(folder: Path, test, cache: Path) -> dict:
     return {"map@3": metrics.map_at_k(test.targets, scores, 3), "lwlrap": metrics.lwlrap(test.targets, scores)}
 
 
+def out_of_fold(folder: Path) -> dict:
+    oof = json.loads((folder / "summary.json").read_text())["oof"]
+    return {"map@3": oof["map@3"], "lwlrap": oof["lwlrap"]}
+
+
 def measure(set_name: str, entries: list[str], corpus: Path, work: Path, results: dict, out: Path) -> None:
     data = dataset(set_name, corpus)
-    test = data.subset("test")
+    test = data if set_name == "sources" else data.subset("test")  # sources: each clip is held out once
     for entry in entries:
         done = results.setdefault(set_name, {}).get(entry)
         if done:
@@ -114,7 +137,8 @@ def measure(set_name: str, entries: list[str], corpus: Path, work: Path, results
         folder = work / set_name / entry.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
         start = time.perf_counter()
         SETS[set_name][entry](data, folder, work / "cache")
-        figures = {"train_minutes": (time.perf_counter() - start) / 60, **score_entry(folder, test, work / "cache"),
+        scores = out_of_fold(folder) if set_name == "sources" else score_entry(folder, test, work / "cache")
+        figures = {"train_minutes": (time.perf_counter() - start) / 60, **scores,
                    "train_clips": int((data.split == "train").sum()), "test_clips": len(test)}
         results[set_name][entry] = figures
         out.write_text(json.dumps(results, indent=1))  # what is measured is kept if a later entry fails
@@ -124,8 +148,9 @@ def measure(set_name: str, entries: list[str], corpus: Path, work: Path, results
 def table(results: dict) -> str:
     lines = ["| set | entry | train split clips | test MAP@3 | test lwlrap | train min |", "|---|---|---|---|---|---|"]
     for set_name, entries in results.items():
+        shown = "sources (out of fold)" if set_name == "sources" else set_name
         for entry, f in entries.items():
-            lines.append(f"| {set_name} | {entry} | {f['train_clips']} | {f['map@3']:.4f} | {f['lwlrap']:.4f} | "
+            lines.append(f"| {shown} | {entry} | {f['train_clips']} | {f['map@3']:.4f} | {f['lwlrap']:.4f} | "
                          f"{f['train_minutes']:.1f} |")
     return "\n".join(lines)
 
@@ -133,7 +158,7 @@ def table(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path)
-    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--sets", nargs="+", default=["full", "small", "multi"], choices=list(SETS))
     p.add_argument("--entries", nargs="+", help="only these entries (names as in the table)")
     p.add_argument("--work", type=Path, default=Path("/tmp/soundtag-bench-quality"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
