@@ -43,7 +43,7 @@ def _replay(out: Path) -> None:
         raise _Split
 
     corpuslib.write_single = write_groups
-    sys.argv = [str(BUILDER), tempfile.mkdtemp()]
+    sys.argv = [str(BUILDER), str(out.parent / "corpus")]  # a folder the replay never creates
     try:
         build_dev.main()
     except _Split:
