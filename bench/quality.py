@@ -83,15 +83,20 @@ MULTI = {"baseline (curated)": train_entry("baseline", noisy="exclude"),
          "curated only": train_entry("fast", noisy="exclude"), "naive curated + noisy": train_entry("fast"),
          "noisy-aware loss and batches": train_entry("fast", **NOISY_AWARE),
          "warm-up pipeline": recipe_entry("pipeline"), "quality": train_entry("quality")}
-FILTER = {"augment": [{"name": "mixup", "p": 0.5, "alpha": 0.4},
-                      {"name": "specaugment", "p": 0.5, "time_masks": 2, "time_width": 0.1, "freq_masks": 2,
-                       "freq_width": 6},
-                      {"name": "filter", "p": 0.5, "max_db": 6.0}]}
 OWN_FOLDS = {"folds": "own", "train_folds": None}
+
+
+def filter_entry(data, out: Path, cache: Path) -> Path:
+    """`quality` with a random equaliser after its own augmentations, on the dataset's folds."""
+    from soundtag import config
+    augment = [*config.resolve("quality").augment, {"name": "filter", "p": 0.5, "max_db": 6.0}]
+    return train_entry("quality", augment=augment, **OWN_FOLDS)(data, out, cache)
+
+
 SOURCES = {"quality": train_entry("quality", **OWN_FOLDS),
            "quality, ±2-semitone copies only": train_entry("quality", copies=[{"pitch": -2}, {"pitch": 2}],
                                                             **OWN_FOLDS),
-           "quality + filter augmentation": train_entry("quality", **FILTER, **OWN_FOLDS)}
+           "quality + filter augmentation": filter_entry}
 SETS = {"full": SINGLE, "small": SINGLE, "multi": MULTI, "sources": SOURCES}
 
 

@@ -107,8 +107,7 @@ class Tagger:
                 self._pool.close()
                 self._pool = None
             if self._pool is None:
-                scorer = self.scorer
-                self._pool = Workers(self, processes, lambda: set_threads(scorer, 1))
+                self._pool = Workers(self, processes, lambda: set_threads(self.scorer, 1))
             return self._pool
 
     def _drop(self, pool: Workers) -> None:

@@ -16,9 +16,9 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -56,7 +56,8 @@ class WorkerDied(SoundtagError):
 
 class Workers:
     """`processes` worker processes holding `owner`; `start` runs in each as it
-    begins. Nothing here refers to `owner`, so dropping it drops the workers."""
+    begins. Nothing here refers to `owner` or `start` once the workers are
+    forked, so dropping the owner drops the workers."""
 
     def __init__(self, owner: object, processes: int, start: Callable[[], None] | None = None):
         global _forking
@@ -86,14 +87,14 @@ class Workers:
             process.kill()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, method: str, shares: Sequence[object]) -> Iterator[tuple[int, object]]:
-        """(position, owner.method(share)) for each share, as the workers finish
+    def run(self, method: str, parts: Sequence[object]) -> Iterator[tuple[int, object]]:
+        """(position, owner.method(part)) for each of the job's parts, as the workers finish
         them; a share not started yet is dropped when the caller stops or fails,
         and Ctrl-C kills the workers."""
         futures: dict[Future, int] = {}
         try:
-            for i, share in enumerate(shares):
-                futures[self._pool.submit(_call, method, share)] = i
+            for i, part in enumerate(parts):
+                futures[self._pool.submit(_call, method, part)] = i
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, POLL, FIRST_COMPLETED)
